@@ -41,7 +41,8 @@ class Request:
         "deadline", "status", "num_computed_tokens", "output_token_ids", "all_token_ids",
         "first_scheduled_time", "first_token_time", "token_times", "finish_time",
         "num_preemptions", "num_cached_tokens", "num_recomputed_cached_tokens", "block_hashes",
-        "expected_output_len", "stop_reason", "client_id", "swap_out_blocks",
+        "expected_output_len", "stop_reason", "client_id", "swap_out_blocks", "cache_salt",
+        "forced_output_token_ids",
     )
 
     def __init__(
@@ -54,6 +55,8 @@ class Request:
         deadline: float | None = None,
         expected_output_len: int | None = None,
         client_id: int | None = None,
+        cache_salt: int | str | None = None,
+        forced_output_token_ids: list[int] | None = None,
     ) -> None:
         if not isinstance(prompt_token_ids, list) or len(prompt_token_ids) == 0:
             raise ValueError(f"request {request_id!r}: prompt_token_ids must be a non-empty list of ints")
@@ -83,6 +86,11 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled lazily
         self.stop_reason: int | None = None
         self.swap_out_blocks: list[int] = []  # host block ids while SWAPPED
+        # Extra prefix-cache key (tenant, LoRA, ...): equal prompts with different salts never share.
+        self.cache_salt = cache_salt
+        # Output ids a simulated backend should emit (e.g. the earlier turn of a multi-turn
+        # conversation that the workload already baked into the next prompt). Real backends ignore it.
+        self.forced_output_token_ids = forced_output_token_ids
 
     # --- derived sizes -------------------------------------------------------------
     @property

@@ -1,0 +1,126 @@
+"""EngineCore: schedule -> backend.execute -> update, plus the records a run leaves.
+
+The engine never reads a clock. ``step(now)`` is told when the step starts; the backend
+says how long it took; sampled tokens are stamped at ``now + duration``. The simulator
+passes ``env.now``, the real driver the wall clock since the run started.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.backend import Backend
+from core.config import CacheConfig, SchedulerConfig
+from core.request import Request
+from core.scheduler import Scheduler
+from core.scheduler_output import SchedulerOutput, StepResult
+from core.stats import StepStats
+
+
+@dataclass
+class EngineStepOutput:
+    finished: list[Request] = field(default_factory=list)
+    duration: float = 0.0
+    scheduler_output: SchedulerOutput | None = None
+    result: StepResult | None = None
+
+
+class EngineCore:
+    """One replica: a scheduler (with its KV cache manager) and a backend."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, backend: Backend,
+                 eos_token_id: int | None = None, replica_id: int = 0, record_steps: bool = True) -> None:
+        self.scheduler = Scheduler(scheduler_config, cache_config, eos_token_id)
+        self.backend = backend
+        self.replica_id = replica_id
+        self.record_steps = record_steps
+        self.finished: list[Request] = []  # every request that ended here, in finish order
+        self.steps: list[StepStats] = []
+        self.breakdown: dict[str, float] = {}  # total seconds per op, when the backend reports it
+
+    # --- requests --------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str, now: float) -> Request | None:
+        req = self.scheduler.abort_request(request_id)
+        if req is not None:
+            req.finish_time = now
+            self.finished.append(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- what a router sees -----------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
+        return self.scheduler.kv.cached_prefix_tokens(prompt_token_ids)
+
+    # --- stepping ----------------------------------------------------------------------
+    def step(self, now: float) -> EngineStepOutput:
+        """Run one step starting at ``now``; returns what finished and how long it took."""
+        sched = self.scheduler
+        out = sched.schedule()
+        if out.is_empty:
+            return EngineStepOutput(scheduler_output=out)
+        for rid in out.new_req_ids:
+            req = sched.requests[rid]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        result = self.backend.execute(out)
+        if len(result.sampled_token_ids) != len(out.req_ids):
+            raise RuntimeError(f"backend returned {len(result.sampled_token_ids)} token lists for "
+                               f"{len(out.req_ids)} scheduled requests")
+        end = now + result.duration
+        finished = sched.update_from_output(out, result, end)
+        self.finished.extend(finished)
+        if result.breakdown:
+            bd = self.breakdown
+            for op, t in result.breakdown.items():
+                bd[op] = bd.get(op, 0.0) + t
+        if self.record_steps:
+            prefill = out.num_prefill_tokens
+            self.steps.append(StepStats(
+                out.step_id, now, result.duration, 1, out.num_reqs, prefill,
+                out.total_num_scheduled_tokens - prefill, len(sched.waiting), len(sched.running),
+                len(out.preempted_req_ids), sched.kv.usage(), sum(out.num_cached_tokens.values()),
+                self.replica_id))
+        return EngineStepOutput(finished, result.duration, out, result)
+
+    def decode_horizon(self) -> int:
+        """Upcoming steps that are guaranteed identical pure-decode steps (0 = none)."""
+        return self.scheduler.decode_horizon()
+
+    def apply_decode_steps(self, now: float, durations: list[float], token_ids: list[list[int]],
+                           breakdown: dict[str, float] | None = None) -> list[Request]:
+        """Apply ``len(durations)`` decode steps starting at ``now`` in one go.
+
+        ``token_ids[i]`` are the tokens of ``scheduler.running[i]``, one per step. Equal to
+        calling ``step`` that many times; recorded as one StepStats row with ``num_steps``.
+        """
+        sched = self.scheduler
+        k = len(durations)
+        ends = []
+        t = now
+        for d in durations:
+            t += d
+            ends.append(t)
+        batch = len(sched.running)
+        first_step = sched.step_id + 1
+        finished = sched.apply_decode_steps(k, ends, token_ids)
+        self.finished.extend(finished)
+        if breakdown:
+            bd = self.breakdown
+            for op, v in breakdown.items():
+                bd[op] = bd.get(op, 0.0) + v
+        if self.record_steps:
+            self.steps.append(StepStats(first_step, now, t - now, k, batch, 0, batch * k, len(sched.waiting),
+                                        len(sched.running), 0, sched.kv.usage(), 0, self.replica_id))
+        return finished

@@ -1,0 +1,217 @@
+"""Allocates KV slots for requests, with prefix caching and swap to host memory.
+
+The scheduler asks ``allocate_slots`` for the slots of a request's next tokens; a ``None``
+answer means "not enough free blocks", and the scheduler decides whom to preempt. Full
+blocks are registered in the prefix cache under a chained hash (parent hash, the block's
+tokens, an optional salt), so two prompts share a block only if everything before it is
+equal too.
+"""
+from __future__ import annotations
+
+from core.block_pool import BlockPool, HostBlockPool, KVCacheBlock
+from core.request import Request
+
+
+def hash_block_tokens(parent_hash: int | None, tokens: tuple[int, ...], extra_key: object = None) -> int:
+    """Chained block hash. Python's tuple hash of ints is stable within and across runs."""
+    return hash((parent_hash, tokens, extra_key))
+
+
+class KVCacheManager:
+    def __init__(self, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int = 0,
+                 enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_pool = BlockPool(num_gpu_blocks, enable_prefix_caching)
+        self.host_pool = HostBlockPool(num_cpu_blocks)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_to_block_ids: dict[str, list[int]] = {}
+        self.num_cached_blocks: dict[str, int] = {}
+        # Prefix-cache statistics in tokens. Hits of a request re-admitted after a
+        # recompute preemption are kept apart: they are recovered work, not reuse.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.recompute_hit_tokens = 0
+
+    # --- queries ---------------------------------------------------------------------
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self.block_pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.free_block_queue.num_free_blocks
+
+    def usage(self) -> float:
+        return self.block_pool.usage()
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.req_to_block_ids.get(request_id, [])
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _request_block_hashes(self, request: Request, num_blocks: int) -> list[int]:
+        """Extend ``request.block_hashes`` to cover ``num_blocks`` full blocks and return it."""
+        hashes = request.block_hashes
+        bs = self.block_size
+        tokens = request.all_token_ids
+        parent = hashes[-1] if hashes else None
+        salt = request.cache_salt
+        for i in range(len(hashes), num_blocks):
+            parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs]), salt))
+            hashes.append(parent)
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of the request, in whole blocks, never covering its last token.
+
+        The last token must be computed so that the step produces logits to sample from.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = self._request_block_hashes(request, max_blocks)
+        get = self.block_pool.cached_block_hash_to_block.get
+        hit: list[KVCacheBlock] = []
+        for i in range(max_blocks):
+            block = get(hashes[i])
+            if block is None:
+                break
+            hit.append(block)
+        return hit, len(hit) * self.block_size
+
+    def cached_prefix_tokens(self, token_ids: list[int], cache_salt: object = None) -> int:
+        """How many leading tokens of ``token_ids`` are cached now (for routers and lpm)."""
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        get = self.block_pool.cached_block_hash_to_block.get
+        parent = None
+        n = 0
+        for i in range((len(token_ids) - 1) // bs):
+            parent = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs]), cache_salt))
+            if get(parent) is None:
+                break
+            n += bs
+        return n
+
+    def record_prefix_hit(self, request: Request, num_hit_tokens: int) -> None:
+        """Count an admitted request's hit: true reuse on first admission, else recompute."""
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_hit_tokens
+            self.prefix_query_tokens += request.num_tokens
+            self.prefix_hit_tokens += num_hit_tokens
+        else:
+            request.num_recomputed_cached_tokens += num_hit_tokens
+            self.recompute_hit_tokens += num_hit_tokens
+
+    # --- allocation ------------------------------------------------------------------
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: list[KVCacheBlock] | None = None,
+                       num_lookahead_tokens: int = 0, reserve_tokens: int = 0,
+                       watermark_blocks: int = 0) -> list[int] | None:
+        """Make room for ``num_new_tokens`` more tokens of ``request``.
+
+        ``new_computed_blocks`` are prefix hits (from ``get_computed_blocks``) to attach
+        first; ``num_lookahead_tokens`` extra slots serve speculative tokens;
+        ``reserve_tokens`` asks for slots up to that total length at once (Orca / static
+        batching reserve the maximum length). Returns the request's block id list (a live
+        reference) or ``None`` if the free blocks, minus ``watermark_blocks``, do not suffice;
+        on ``None`` nothing changed.
+        """
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid)
+        if blocks is None:
+            blocks = self.req_to_blocks[rid] = []
+            self.req_to_block_ids[rid] = []
+            self.num_cached_blocks[rid] = 0
+        computed = new_computed_blocks or ()
+        num_computed = request.num_computed_tokens + len(computed) * self.block_size
+        need_tokens = num_computed + num_new_tokens + num_lookahead_tokens
+        if reserve_tokens > need_tokens:
+            need_tokens = reserve_tokens
+        num_new_blocks = -(-need_tokens // self.block_size) - len(blocks) - len(computed)
+        pool = self.block_pool
+        free = pool.free_block_queue.num_free_blocks
+        if computed:
+            free -= sum(1 for b in computed if b.ref_cnt == 0)
+        if num_new_blocks > free - watermark_blocks:
+            if not blocks:
+                self._drop(rid)
+            return None
+        ids = self.req_to_block_ids[rid]
+        if computed:
+            pool.touch(computed)
+            blocks.extend(computed)
+            ids.extend(b.block_id for b in computed)
+        if num_new_blocks > 0:
+            new = pool.get_new_blocks(num_new_blocks)
+            blocks.extend(new)
+            ids.extend(b.block_id for b in new)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+        return ids
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        rid = request.request_id
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        start = self.num_cached_blocks[rid]
+        if num_full <= start:
+            return
+        hashes = self._request_block_hashes(request, num_full)
+        cache = self.block_pool.cache_block
+        for i in range(start, num_full):
+            cache(blocks[i], hashes[i])
+        self.num_cached_blocks[rid] = num_full
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Register the request's blocks that ``num_tokens`` known tokens fill (bulk decode)."""
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, self.req_to_blocks[request.request_id], num_tokens)
+
+    def _drop(self, rid: str) -> None:
+        del self.req_to_blocks[rid]
+        del self.req_to_block_ids[rid]
+        del self.num_cached_blocks[rid]
+
+    def free(self, request: Request) -> None:
+        """Release a request's blocks, tail first (its tail is least likely to be shared)."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        if blocks is None:
+            return
+        self.block_pool.free_blocks(blocks[::-1])
+        self._drop(request.request_id)
+
+    def reset_prefix_cache(self) -> int:
+        return self.block_pool.reset_prefix_cache()
+
+    # --- swap ------------------------------------------------------------------------
+    def can_swap_out(self, request: Request) -> bool:
+        return len(self.req_to_blocks.get(request.request_id, ())) <= self.host_pool.num_free_blocks
+
+    def swap_out(self, request: Request) -> list[tuple[int, int]]:
+        """Move a request's KV to host blocks; returns (gpu_block, host_block) copies to make."""
+        blocks = self.req_to_blocks[request.request_id]
+        host_ids = self.host_pool.allocate(len(blocks))
+        pairs = [(b.block_id, h) for b, h in zip(blocks, host_ids)]
+        request.swap_out_blocks = host_ids
+        self.free(request)
+        return pairs
+
+    def swap_in(self, request: Request, watermark_blocks: int = 0) -> list[tuple[int, int]] | None:
+        """Bring a swapped request back; ``None`` if the GPU lacks free blocks."""
+        host_ids = request.swap_out_blocks
+        if len(host_ids) > self.num_free_blocks - watermark_blocks:
+            return None
+        rid = request.request_id
+        new = self.block_pool.get_new_blocks(len(host_ids))
+        self.req_to_blocks[rid] = new
+        self.req_to_block_ids[rid] = [b.block_id for b in new]
+        self.num_cached_blocks[rid] = 0
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, new, request.num_computed_tokens)
+        pairs = [(b.block_id, h) for b, h in zip(new, host_ids)]
+        self.host_pool.free(host_ids)
+        request.swap_out_blocks = []
+        return pairs

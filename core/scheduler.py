@@ -1,0 +1,400 @@
+"""The scheduler: one token-budget loop per step, running requests first, then waiting.
+
+There are no prefill and decode phases. Each request computes ``num_tokens -
+num_computed_tokens`` tokens when it can; the step's token budget, the chunking switch
+and ``long_prefill_token_threshold`` cap that number, so a chunked prefill, a whole
+prompt and a decode token are the same case. When the KV cache cannot grow a running
+request, the queue policy names a victim to preempt (recompute: drop its blocks; swap:
+copy them to host memory). New requests are admitted only in steps without preemption.
+"""
+from __future__ import annotations
+
+import bisect
+
+from core.config import CacheConfig, SchedulerConfig
+from core.kv_cache_manager import KVCacheManager
+from core.policies import make_batching_policy, make_queue_policy
+from core.request import Request, RequestStatus
+from core.scheduler_output import SchedulerOutput, StepResult
+
+# Why admission stopped in the last schedule(); the first three persist over decode-only
+# steps (free blocks only shrink, the batch only ages), which is what makes fast-forward safe.
+_BLOCKED_KV, _BLOCKED_BUDGET, _BLOCKED_POLICY, _BLOCKED_SEQS, _BLOCKED_NONE = range(5)
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 eos_token_id: int | None = None) -> None:
+        self.config = scheduler_config
+        self.cache_config = cache_config
+        self.eos_token_id = eos_token_id
+        self.policy = make_queue_policy(scheduler_config.policy)
+        self.batching = make_batching_policy(scheduler_config.batching)
+        self.chunking = scheduler_config.enable_chunked_prefill and self.batching.allow_chunking
+        bs = cache_config.block_size
+        if not self.chunking and scheduler_config.max_num_batched_tokens < bs:
+            raise ValueError(f"SchedulerConfig.max_num_batched_tokens ({scheduler_config.max_num_batched_tokens}) "
+                             f"must be >= block_size ({bs}) when chunked prefill is off")
+        if scheduler_config.preemption_mode == "swap" and cache_config.num_cpu_blocks == 0:
+            raise ValueError("SchedulerConfig.preemption_mode='swap' needs CacheConfig.num_cpu_blocks > 0")
+        self.kv = KVCacheManager(bs, cache_config.num_gpu_blocks, cache_config.num_cpu_blocks,
+                                 cache_config.enable_prefix_caching)
+        self.watermark_blocks = int(scheduler_config.watermark * cache_config.num_gpu_blocks)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # sorted by policy key
+        self.running: list[Request] = []  # in admission order
+        self.finished_req_ids: list[str] = []  # since the last schedule()
+        self.step_id = 0
+        self.num_preemptions = 0
+        self._blocked = _BLOCKED_NONE
+        self._blocked_need = 0  # whole-prompt tokens the blocked head needs (no chunking)
+        self._swap = scheduler_config.preemption_mode == "swap"
+
+    # --- requests in and out -----------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
+        cfg = self.config
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request_id {rid!r} is already live")
+        if request.status != RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {rid!r} is not a fresh request (status {request.status.name})")
+        max_tokens = request.max_tokens
+        if max_tokens >= cfg.max_model_len:
+            raise ValueError(f"request {rid!r}: max_tokens={max_tokens} leaves no room for a prompt "
+                             f"within max_model_len={cfg.max_model_len}")
+        total = request.num_prompt_tokens + max_tokens
+        if total > cfg.max_model_len:
+            if not cfg.truncate_prompt:
+                raise ValueError(f"request {rid!r}: prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                                 f"({max_tokens}) = {total} exceeds max_model_len={cfg.max_model_len}")
+            keep = cfg.max_model_len - max_tokens  # keep the prompt's tail, as vLLM's truncation does
+            request.prompt_token_ids = request.prompt_token_ids[-keep:]
+            request.all_token_ids = list(request.prompt_token_ids)
+            total = cfg.max_model_len
+        if not self.chunking and request.num_prompt_tokens > cfg.max_num_batched_tokens:
+            raise ValueError(f"request {rid!r}: prompt of {request.num_prompt_tokens} tokens exceeds "
+                             f"max_num_batched_tokens={cfg.max_num_batched_tokens} with chunked prefill off")
+        reserve = max(total, self.batching.reserve_tokens(request, cfg.max_model_len))
+        need = self.kv.num_blocks_for(reserve)
+        usable = self.kv.num_gpu_blocks - self.watermark_blocks
+        if need > usable:
+            raise ValueError(f"request {rid!r}: needs {need} KV blocks ({reserve} tokens) but the pool can "
+                             f"ever give {usable} ({self.kv.num_gpu_blocks} blocks minus a watermark of "
+                             f"{self.watermark_blocks}); it could never run")
+        self.requests[rid] = request
+        self._enqueue(request)
+        self._blocked = _BLOCKED_NONE  # the newcomer has not been tried yet: no fast-forward
+
+    def _enqueue(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=self.policy.key)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Abort a live request; returns it, or None if it is unknown or already finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+            if request.swap_out_blocks:
+                self.kv.host_pool.free(request.swap_out_blocks)
+                request.swap_out_blocks = []
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED_ABORTED
+        self.finished_req_ids.append(request_id)
+        return request
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- one step ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        kv = self.kv
+        policy = self.policy
+        self.step_id += 1
+        out = SchedulerOutput(self.step_id, block_size=self.cache_config.block_size,
+                              finished_req_ids=self.finished_req_ids)
+        self.finished_req_ids = []
+        budget = cfg.max_num_batched_tokens
+        threshold = cfg.long_prefill_token_threshold
+        scheduled: dict[str, int] = {}  # request_id -> new tokens, in schedule order
+        running = self.running
+
+        # 1. Running requests, in admission order.
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            num_new = req.num_tokens - req.num_computed_tokens
+            if num_new > budget:
+                num_new = budget
+            if threshold and num_new > threshold:
+                num_new = threshold
+            while kv.allocate_slots(req, num_new) is None:
+                v = policy.victim_index(running)
+                victim = running[v]
+                budget += scheduled.pop(victim.request_id, 0)
+                self._preempt(victim, v, out)
+                if v < i:
+                    i -= 1
+                if victim is req:
+                    break
+            else:
+                scheduled[req.request_id] = num_new
+                budget -= num_new
+                i += 1
+
+        # 2. Waiting requests, only if nobody was preempted this step.
+        self._blocked = _BLOCKED_NONE
+        if self.waiting and not out.preempted_req_ids:
+            self._admit(out, scheduled, budget)
+
+        # 3. The plain output object.
+        requests = self.requests
+        block_ids = kv.req_to_block_ids
+        total = 0
+        for rid, n in scheduled.items():
+            req = requests[rid]
+            c = req.num_computed_tokens
+            out.req_ids.append(rid)
+            out.num_new_tokens.append(n)
+            out.num_computed_tokens.append(c)
+            out.new_token_ids.append(req.all_token_ids[c:c + n])
+            out.block_tables.append(block_ids[rid])
+            out.samples.append(c + n >= req.num_tokens)
+            total += n
+        out.total_num_scheduled_tokens = total
+        return out
+
+    def _admit(self, out: SchedulerOutput, scheduled: dict[str, int], budget: int) -> None:
+        cfg = self.config
+        kv = self.kv
+        policy = self.policy
+        waiting = self.waiting
+        running = self.running
+        if policy.dynamic:
+            policy.refresh(kv)
+            waiting.sort(key=policy.key)
+        threshold = cfg.long_prefill_token_threshold
+        wm = self.watermark_blocks
+        admitted = 0
+        while waiting:
+            if budget <= 0:
+                self._blocked = _BLOCKED_BUDGET
+                return
+            if len(running) >= cfg.max_num_seqs:
+                self._blocked = _BLOCKED_SEQS
+                return
+            if not self.batching.can_admit(len(running), admitted):
+                self._blocked = _BLOCKED_POLICY
+                return
+            req = waiting[0]
+            if req.status == RequestStatus.SWAPPED:
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                extra = kv.num_blocks_for(req.num_computed_tokens + num_new) - len(req.swap_out_blocks)
+                if extra > kv.num_free_blocks - len(req.swap_out_blocks) - wm:
+                    self._blocked = _BLOCKED_KV
+                    return
+                out.blocks_to_swap_in.extend(kv.swap_in(req))
+                kv.allocate_slots(req, num_new)
+            else:
+                computed, num_hit = kv.get_computed_blocks(req)
+                num_new = req.num_tokens - num_hit
+                if not self.chunking and num_new > budget:
+                    self._blocked = _BLOCKED_BUDGET
+                    self._blocked_need = num_new
+                    return
+                if num_new > budget:
+                    num_new = budget
+                if threshold and num_new > threshold:
+                    num_new = threshold
+                reserve = self.batching.reserve_tokens(req, cfg.max_model_len)
+                if kv.allocate_slots(req, num_new, computed, reserve_tokens=reserve,
+                                     watermark_blocks=wm) is None:
+                    self._blocked = _BLOCKED_KV
+                    return
+                req.num_computed_tokens = num_hit
+                kv.record_prefix_hit(req, num_hit)
+                out.new_req_ids.append(req.request_id)
+                out.num_cached_tokens[req.request_id] = num_hit
+            waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            running.append(req)
+            admitted += 1
+            scheduled[req.request_id] = num_new
+            budget -= num_new
+
+    def _preempt(self, victim: Request, index: int, out: SchedulerOutput) -> None:
+        del self.running[index]
+        kv = self.kv
+        if self._swap and kv.can_swap_out(victim):
+            out.blocks_to_swap_out.extend(kv.swap_out(victim))
+            victim.status = RequestStatus.SWAPPED
+        else:
+            kv.free(victim)
+            victim.status = RequestStatus.PREEMPTED
+            victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted_req_ids.append(victim.request_id)
+        self._enqueue(victim)
+
+    # --- applying a step's result -------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
+        """Advance progress, append sampled tokens (stamped ``now``), finish and free requests."""
+        requests = self.requests
+        finished: list[Request] = []
+        sampled = result.sampled_token_ids
+        for i, rid in enumerate(out.req_ids):
+            req = requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted or preempted after scheduling
+            req.num_computed_tokens += out.num_new_tokens[i]
+            for token in sampled[i]:
+                req.append_output_token(token, now)
+                if self._check_stop(req, token):
+                    req.finish_time = now
+                    finished.append(req)
+                    break
+        if finished:
+            self._finish(finished)
+        return finished
+
+    def _check_stop(self, req: Request, token: int) -> bool:
+        sp = req.sampling_params
+        if token == self.eos_token_id and not sp.ignore_eos:
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token
+        elif token in sp.stop_token_ids:
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token
+        elif len(req.output_token_ids) >= sp.max_tokens or len(req.all_token_ids) >= self.config.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+        else:
+            return False
+        return True
+
+    def _finish(self, finished: list[Request]) -> None:
+        self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        for req in finished:
+            self.kv.free(req)
+            del self.requests[req.request_id]
+            self.finished_req_ids.append(req.request_id)
+
+    # --- fast-forward over identical decode steps ---------------------------------------
+    def decode_horizon(self) -> int:
+        """How many upcoming steps are guaranteed to be the same pure-decode step.
+
+        Non-zero only if every running request decodes one token, all fit the budget,
+        admission is blocked for a reason that decode steps cannot lift, and the KV pool
+        can grow every request for that many steps. The bound includes the step in which
+        the first request reaches max_tokens. Arrivals are the caller's bound. A request
+        could still stop on a sampled stop token; ``apply_decode_steps`` checks for that.
+        """
+        running = self.running
+        if not running or self.finished_req_ids or len(running) > self.config.max_num_batched_tokens:
+            return 0
+        if self.waiting:
+            if self.policy.dynamic and self._blocked != _BLOCKED_SEQS:
+                return 0
+            blocked = self._blocked
+            if blocked == _BLOCKED_BUDGET:
+                # Persists only if a pure-decode step's leftover budget is still too small.
+                if self.chunking or self._blocked_need <= self.config.max_num_batched_tokens - len(running):
+                    return 0
+            elif blocked not in (_BLOCKED_KV, _BLOCKED_SEQS, _BLOCKED_POLICY):
+                return 0
+        k = self.config.max_model_len
+        for r in running:  # hot path of the simulator: plain attribute reads only
+            c = r.num_computed_tokens
+            if len(r.all_token_ids) - c != 1 or c == 0:
+                return 0
+            left = r.sampling_params.max_tokens - len(r.output_token_ids)
+            if left < k:
+                k = left
+        # add_request guarantees prompt + max_tokens <= max_model_len, so max_tokens bounds length too.
+        if k <= 0:
+            return 0
+        return self._kv_horizon(k)
+
+    def _kv_horizon(self, k: int) -> int:
+        """Largest k' <= k such that growing every running request k' tokens fits the free pool."""
+        bs = self.kv.block_size
+        held = self.kv.req_to_blocks
+        state = [(r.num_computed_tokens, len(held[r.request_id])) for r in self.running]
+        free = self.kv.num_free_blocks
+
+        def need(steps: int) -> int:
+            return sum(max(0, -(-(c + steps) // bs) - nb) for c, nb in state)
+
+        if need(k) <= free:
+            return k
+        lo, hi = 0, k  # need(lo) fits, need(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if need(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def apply_decode_steps(self, k: int, step_end_times: list[float],
+                           token_ids: list[list[int]]) -> list[Request]:
+        """Apply ``k`` pure-decode steps at once; equal to ``k`` schedule/update rounds.
+
+        ``token_ids[i]`` holds the k tokens sampled by ``running[i]``; ``step_end_times``
+        the k steps' end times. Blocks are taken in the same order as step by step, so
+        block ids, evictions and later cache hits are identical.
+        """
+        running = self.running
+        kv = self.kv
+        bs = kv.block_size
+        allocs = []  # (step, index) of each new block, in step-by-step order
+        for idx, r in enumerate(running):
+            nb = len(kv.req_to_blocks[r.request_id])
+            c = r.num_computed_tokens
+            first = nb * bs - c  # step that computes position nb*bs, the first one past held blocks
+            for step in range(first, k, bs):
+                allocs.append((step, idx))
+        if allocs:
+            allocs.sort()
+            get = kv.block_pool.get_new_blocks
+            for _, idx in allocs:
+                rid = running[idx].request_id
+                block = get(1)[0]
+                kv.req_to_blocks[rid].append(block)
+                kv.req_to_block_ids[rid].append(block.block_id)
+        eos = self.eos_token_id
+        finished = []
+        for r, toks in zip(running, token_ids):
+            sp = r.sampling_params
+            stops = set(sp.stop_token_ids)
+            if eos is not None and not sp.ignore_eos:
+                stops.add(eos)
+            if stops and not stops.isdisjoint(toks[:-1]):
+                raise RuntimeError(f"apply_decode_steps: request {r.request_id!r} sampled a stop token "
+                                   "inside a fast-forwarded run; the backend must not fast-forward it")
+            if r.first_token_time is None:
+                r.first_token_time = step_end_times[0]
+            r.output_token_ids.extend(toks)
+            r.all_token_ids.extend(toks)
+            r.token_times.extend(step_end_times)
+            r.num_computed_tokens += k
+            kv.cache_blocks(r, r.num_computed_tokens)
+            if self._check_stop(r, toks[-1]):
+                r.finish_time = step_end_times[-1]
+                finished.append(r)
+        self.step_id += k
+        if finished:
+            self._finish(finished)
+        return finished
