@@ -42,7 +42,7 @@ class Request:
         "first_scheduled_time", "first_token_time", "token_times", "finish_time",
         "num_preemptions", "num_cached_tokens", "num_recomputed_cached_tokens", "block_hashes",
         "expected_output_len", "stop_reason", "client_id", "swap_out_blocks", "cache_salt",
-        "forced_output_token_ids",
+        "forced_output_token_ids", "replica",
     )
 
     def __init__(
@@ -91,6 +91,7 @@ class Request:
         # Output ids a simulated backend should emit (e.g. the earlier turn of a multi-turn
         # conversation that the workload already baked into the next prompt). Real backends ignore it.
         self.forced_output_token_ids = forced_output_token_ids
+        self.replica = 0  # data-parallel replica that served it (set by the router's caller)
 
     # --- derived sizes -------------------------------------------------------------
     @property

@@ -1,0 +1,261 @@
+"""The SimPy model: arrivals, a router and N engine replicas, one event per engine step.
+
+Each replica is a core ``EngineCore`` with a ``SimBackend``. A replica process runs a
+step, then sleeps for the step's predicted duration. When the batch is pure decode and
+nothing can change it (``EngineCore.decode_horizon``), the replica sleeps once over k
+steps instead ("fast-forward"). The k steps are applied lazily: an arrival that lands
+in the middle first syncs the replica (applies the steps that started before it) and
+interrupts its sleep, so results equal step-by-step simulation exactly, whatever the
+arrival process (open loop, trace, closed loop with think times).
+
+Arrivals are scheduled with URGENT priority, so a request that arrives at time t is
+visible to a step that starts at t, in both modes.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import simpy
+from simpy.core import URGENT
+
+from core.engine import EngineCore
+from core.request import Request
+from core.router import make_router
+from core.stats import StepStats
+from simulator.cost_model.base import BatchShape
+from simulator.sim_backend import SimBackend
+
+
+@dataclass
+class SimResult:
+    requests: list[Request]
+    steps: list[StepStats]
+    duration: float  # simulated seconds from 0 to the last event
+    breakdown: dict[str, float] = field(default_factory=dict)  # seconds per op, all replicas
+    num_events: int = 0  # engine steps + fast-forward runs actually simulated
+
+
+class Replica:
+    """One engine replica as a SimPy process."""
+
+    def __init__(self, sim: "Simulation", index: int, engine: EngineCore, backend: SimBackend) -> None:
+        self.sim = sim
+        self.index = index
+        self.engine = engine
+        self.backend = backend
+        backend.bind(engine.scheduler.requests)
+        self.wake: simpy.Event | None = None
+        self._ff: tuple[float, list[float], list[float]] | None = None  # start, durations, ends
+        self._ff_shape = (0, 0)  # (batch, total context) at the start of the pending run
+        self._busy_until = 0.0
+        self.process = sim.env.process(self._run())
+
+    # the router reads these
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
+        return self.engine.cached_prefix_tokens(prompt_token_ids)
+
+    def add(self, request: Request) -> None:
+        self.sync(self.sim.env.now)
+        self.engine.add_request(request)
+        if self.wake is not None and not self.wake.triggered:
+            self.wake.succeed()
+
+    def sync(self, now: float) -> None:
+        """Apply the pending fast-forward steps that started before ``now``."""
+        if self._ff is None:
+            return
+        start, durations, ends = self._ff
+        self._ff = None
+        # Step i starts at ends[i-1] (step 0 at start); apply those that started before now.
+        m = 1 + bisect_left(ends, now, 0, len(ends) - 1) if now > start else 0
+        if m:
+            self._apply(start, durations[:m])
+        self._busy_until = ends[m - 1] if m else start
+        self.process.interrupt()
+
+    def _apply(self, start: float, durations: list[float]) -> None:
+        eng = self.engine
+        k = len(durations)
+        tokens = self.backend.decode_tokens(eng.scheduler.running, k)
+        breakdown = self._decode_breakdown(k, sum(durations))
+        finished = eng.apply_decode_steps(start, durations, tokens, breakdown)
+        self.sim._on_finished(finished)
+
+    def _decode_breakdown(self, k: int, total: float) -> dict[str, float]:
+        """Per-op split of k fast-forwarded decode steps: the middle step's split, scaled to
+        the exact total (only the plot of where time goes reads it; timings are exact)."""
+        batch, ctx = self._ff_shape
+        mid = self.backend.cost_model.step_time(BatchShape.decode(batch, ctx + (k // 2) * batch))
+        scale = total / mid.total if mid.total > 0 else 0.0
+        return {op: t * scale for op, t in mid.breakdown.items()}
+
+    def _run(self):
+        env = self.sim.env
+        eng = self.engine
+        cost = self.backend.cost_model
+        ff = self.sim.fast_forward
+        while True:
+            if not eng.has_unfinished():
+                self.wake = env.event()
+                yield self.wake
+                self.wake = None
+                continue
+            k = eng.decode_horizon() if ff else 0
+            if k >= 2:
+                running = eng.scheduler.running
+                batch = len(running)
+                ctx = sum(r.num_computed_tokens for r in running) + batch
+                self._ff_shape = (batch, ctx)
+                durations = cost.decode_step_times(batch, ctx, k).tolist()
+                ends = []
+                t = env.now
+                for d in durations:
+                    t += d
+                    ends.append(t)
+                self._ff = (env.now, durations, ends)
+                self.sim.num_events += 1
+                try:
+                    yield env.timeout(ends[-1] - env.now)
+                    start, durs, _ = self._ff
+                    self._ff = None
+                    self._apply(start, durs)
+                except simpy.Interrupt:
+                    if self._busy_until > env.now:
+                        yield env.timeout(self._busy_until - env.now)
+                continue
+            out = eng.step(env.now)
+            if out.scheduler_output is not None and out.scheduler_output.is_empty:
+                raise RuntimeError(f"replica {self.index}: {eng.num_waiting} waiting requests but nothing "
+                                   "could be scheduled; the configuration can never run them")
+            self.sim.num_events += 1
+            self.sim._on_finished(out.finished)
+            yield env.timeout(out.duration)
+
+
+class Simulation:
+    """Runs requests through ``len(engines)`` replicas behind a router.
+
+    ``requests``: open-loop requests with arrival times. ``closed_loop``: per-user request
+    sequences (user u's request i+1 arrives ``think_time`` after its request i finished;
+    each user's first request arrives at its own arrival_time).
+    """
+
+    def __init__(self, engines: Sequence[EngineCore], requests: Sequence[Request] = (),
+                 router: str = "round_robin", fast_forward: bool = True,
+                 closed_loop: Sequence[Sequence[Request]] = (), think_time: float = 0.0,
+                 on_progress: Callable[[int], None] | None = None) -> None:
+        if not engines:
+            raise ValueError("Simulation needs at least one engine replica")
+        if think_time < 0 or not math.isfinite(think_time):
+            raise ValueError(f"Simulation.think_time must be finite and >= 0, got {think_time!r}")
+        self.env = simpy.Environment()
+        self.fast_forward = fast_forward
+        self.num_events = 0
+        self.replicas = [Replica(self, i, e, e.backend) for i, e in enumerate(engines)]
+        self.router = make_router(router, len(engines))
+        self.think_time = think_time
+        self.on_progress = on_progress
+        self._arrivals: list[tuple[float, int, Request]] = []
+        self._seq = 0
+        self._next_in_session: dict[str, Request] = {}
+        self._idle_event: simpy.Event | None = None  # arrival process waits here when no arrival is known
+        self._sleeping_until: float | None = None  # arrival process sleeps until this time
+        self._total = len(requests) + sum(len(s) for s in closed_loop)
+        self._done = 0
+        for r in requests:
+            self._push(r, r.arrival_time)
+        for session in closed_loop:  # a user's later requests are pushed when the previous one finishes
+            if not session:
+                continue
+            for a, b in zip(session, session[1:]):
+                self._next_in_session[a.request_id] = b
+            self._push(session[0], session[0].arrival_time)
+        self._arrival_proc = self.env.process(self._arrival_process())
+
+    def _push(self, request: Request, t: float) -> None:
+        request.arrival_time = t
+        heapq.heappush(self._arrivals, (t, self._seq, request))
+        self._seq += 1
+        if self._idle_event is not None and not self._idle_event.triggered:
+            self._idle_event.succeed()
+        elif self._sleeping_until is not None and t < self._sleeping_until:
+            self._arrival_proc.interrupt()  # a closed-loop user came back before the awaited arrival
+
+    def _arrival_process(self):
+        env = self.env
+        arrivals = self._arrivals
+        replicas = self.replicas
+        while True:
+            if not arrivals:
+                if self._done >= self._total:
+                    return
+                self._idle_event = env.event()
+                yield self._idle_event
+                self._idle_event = None
+                continue
+            t = arrivals[0][0]
+            if t > env.now:
+                # Yield the urgent timeout itself (not a condition on it): a condition would
+                # resume this process at normal priority, after a replica step of the same instant.
+                self._sleeping_until = t
+                try:
+                    yield _UrgentTimeout(env, t - env.now)
+                except simpy.Interrupt:
+                    pass
+                self._sleeping_until = None
+                continue
+            _, _, req = heapq.heappop(arrivals)
+            for rep in replicas:
+                rep.sync(env.now)
+            idx = self.router.route(req, replicas)
+            req.replica = idx
+            replicas[idx].add(req)
+
+    def _on_finished(self, finished: list[Request]) -> None:
+        if not finished:
+            return
+        self._done += len(finished)
+        for req in finished:
+            nxt = self._next_in_session.pop(req.request_id, None)
+            if nxt is not None:
+                self._push(nxt, req.finish_time + self.think_time)
+        if self.on_progress is not None:
+            self.on_progress(len(finished))
+
+    def run(self) -> SimResult:
+        self.env.run()
+        requests: list[Request] = []
+        steps: list[StepStats] = []
+        breakdown: dict[str, float] = {}
+        for rep in self.replicas:
+            requests.extend(rep.engine.finished)
+            steps.extend(rep.engine.steps)
+            for op, t in rep.engine.breakdown.items():
+                breakdown[op] = breakdown.get(op, 0.0) + t
+        lost = self._total - len(requests)
+        if lost:
+            raise RuntimeError(f"simulation ended with {lost} of {self._total} requests unfinished")
+        return SimResult(requests, steps, self.env.now, breakdown, self.num_events)
+
+
+
+class _UrgentTimeout(simpy.Event):
+    """A timeout processed before normal events of the same instant (arrivals before steps)."""
+
+    def __init__(self, env: simpy.Environment, delay: float) -> None:
+        super().__init__(env)
+        self._ok = True
+        self._value = None
+        env.schedule(self, URGENT, delay)
