@@ -47,6 +47,7 @@ class Scheduler:
         self.step_id = 0
         self.num_preemptions = 0
         self._blocked = _BLOCKED_NONE
+        self._scheduled_reqs: list[Request] = []  # requests of the last schedule(), for update
         self._blocked_need = 0  # whole-prompt tokens the blocked head needs (no chunking)
         self._swap = scheduler_config.preemption_mode == "swap"
 
@@ -132,10 +133,20 @@ class Scheduler:
         running = self.running
 
         # 1. Running requests, in admission order.
+        bs = kv.block_size
+        block_ids = kv.req_to_block_ids
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
+            c = req.num_computed_tokens
+            num_new = len(req.all_token_ids) - c
+            if num_new == 1 and c < len(block_ids[req.request_id]) * bs and (c + 1) % bs:
+                # Decode fast path: the slot exists and no block fills up, so the KV cache
+                # manager has nothing to do (this is most requests in most steps).
+                scheduled[req.request_id] = 1
+                budget -= 1
+                i += 1
+                continue
             if num_new > budget:
                 num_new = budget
             if threshold and num_new > threshold:
@@ -161,19 +172,14 @@ class Scheduler:
 
         # 3. The plain output object.
         requests = self.requests
-        block_ids = kv.req_to_block_ids
-        total = 0
-        for rid, n in scheduled.items():
-            req = requests[rid]
-            c = req.num_computed_tokens
-            out.req_ids.append(rid)
-            out.num_new_tokens.append(n)
-            out.num_computed_tokens.append(c)
-            out.new_token_ids.append(req.all_token_ids[c:c + n])
-            out.block_tables.append(block_ids[rid])
-            out.samples.append(c + n >= req.num_tokens)
-            total += n
-        out.total_num_scheduled_tokens = total
+        req_ids = out.req_ids = list(scheduled)
+        out.num_new_tokens = list(scheduled.values())
+        reqs = self._scheduled_reqs = [requests[rid] for rid in req_ids]
+        computed = out.num_computed_tokens = [r.num_computed_tokens for r in reqs]
+        out.new_token_ids = [r.all_token_ids[c:c + n] for r, c, n in zip(reqs, computed, out.num_new_tokens)]
+        out.block_tables = [block_ids[rid] for rid in req_ids]
+        out.samples = [c + n >= len(r.all_token_ids) for r, c, n in zip(reqs, computed, out.num_new_tokens)]
+        out.total_num_scheduled_tokens = cfg.max_num_batched_tokens - budget
         return out
 
     def _admit(self, out: SchedulerOutput, scheduled: dict[str, int], budget: int) -> None:
@@ -252,17 +258,27 @@ class Scheduler:
     # --- applying a step's result -------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
         """Advance progress, append sampled tokens (stamped ``now``), finish and free requests."""
-        requests = self.requests
+        if out.step_id != self.step_id:
+            raise RuntimeError(f"update_from_output for step {out.step_id}, but the last schedule() was step "
+                               f"{self.step_id}")
         finished: list[Request] = []
-        sampled = result.sampled_token_ids
-        for i, rid in enumerate(out.req_ids):
-            req = requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
+        eos = self.eos_token_id
+        max_len = self.config.max_model_len
+        running_status = RequestStatus.RUNNING
+        for req, n, tokens in zip(self._scheduled_reqs, out.num_new_tokens, result.sampled_token_ids):
+            if req.status is not running_status:
                 continue  # aborted or preempted after scheduling
-            req.num_computed_tokens += out.num_new_tokens[i]
-            for token in sampled[i]:
-                req.append_output_token(token, now)
-                if self._check_stop(req, token):
+            req.num_computed_tokens += n
+            for token in tokens:
+                req.output_token_ids.append(token)
+                req.all_token_ids.append(token)
+                req.token_times.append(now)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                sp = req.sampling_params
+                # Inline common case; _check_stop decides the reason when anything may end it.
+                if (token == eos or sp.stop_token_ids or len(req.output_token_ids) >= sp.max_tokens
+                        or len(req.all_token_ids) >= max_len) and self._check_stop(req, token):
                     req.finish_time = now
                     finished.append(req)
                     break
