@@ -32,3 +32,14 @@ def check_optional_int(owner: str, name: str, value: object, minimum: int) -> in
 
 def check_optional_float(owner: str, name: str, value: object, *, positive: bool) -> float | None:
     return None if value is None else check_float(owner, name, value, positive=positive)
+
+
+def check_range(owner: str, name: str, value: object) -> tuple[int, int]:
+    """An inclusive ``(lo, hi)`` length range with 1 <= lo <= hi."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{owner}.{name} must be a (lo, hi) pair, got {value!r}")
+    lo = check_int(owner, f"{name}[0]", value[0], 1)
+    hi = check_int(owner, f"{name}[1]", value[1], 1)
+    if hi < lo:
+        raise ValueError(f"{owner}.{name} must have lo <= hi, got {value!r}")
+    return lo, hi

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.workloads._checks import check_int
+from core.workloads._checks import check_int, check_range
 from core.workloads.traces import TraceData
 
 
@@ -39,16 +39,6 @@ class FixedLengths(LengthDistribution):
         return np.full(n, self.input_len, dtype=np.int64), np.full(n, self.output_len, dtype=np.int64)
 
 
-def _check_range(owner: str, name: str, value: tuple[int, int]) -> tuple[int, int]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{owner}.{name} must be a (lo, hi) pair, got {value!r}")
-    lo = check_int(owner, f"{name}[0]", value[0], 1)
-    hi = check_int(owner, f"{name}[1]", value[1], 1)
-    if hi < lo:
-        raise ValueError(f"{owner}.{name} must have lo <= hi, got {value!r}")
-    return lo, hi
-
-
 @dataclass(frozen=True)
 class UniformLengths(LengthDistribution):
     """Input and output lengths drawn independently and uniformly from inclusive ranges."""
@@ -57,8 +47,8 @@ class UniformLengths(LengthDistribution):
     output_range: tuple[int, int]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_range", _check_range("UniformLengths", "input_range", self.input_range))
-        object.__setattr__(self, "output_range", _check_range("UniformLengths", "output_range", self.output_range))
+        object.__setattr__(self, "input_range", check_range("UniformLengths", "input_range", self.input_range))
+        object.__setattr__(self, "output_range", check_range("UniformLengths", "output_range", self.output_range))
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         n = check_int("UniformLengths", "n", n, 0)

@@ -1,0 +1,100 @@
+"""Simulator speed: N requests with Azure 2023 conv lengths, Poisson at ~80% of capacity.
+
+Usage: python -m experiments.bench_sim [--num-requests 10000] [--rate R] [--profile]
+
+Llama-3.1-8B on one H100, vLLM-like defaults with prefix caching. The event-loop time
+covers the SimPy run (scheduling, cost model, metrics not included); the process time
+counts from interpreter start, imports included. Without --rate the capacity is first
+measured by an overloaded probe run (not timed) and the rate set to 80% of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from core.workloads.config import WorkloadConfig, build_workload
+from simulator.runner import SimulationConfig, build_requests, run_simulation
+from simulator.simulation import Simulation
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux /proc), so imports are counted."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _workload(n: int, rate: float):
+    return build_workload(WorkloadConfig(kind="azure_conv", arrival="poisson", rate=rate, num_requests=n, seed=0,
+                                         max_model_len=8192))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-requests", type=int, default=10_000)
+    ap.add_argument("--rate", type=float, default=None, help="req/s; default: 80%% of measured capacity")
+    ap.add_argument("--no-fast-forward", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile the event loop with pyinstrument")
+    ap.add_argument("--out", default=None, help="JSON file to write (default: experiments/results/bench_sim_N.json)")
+    args = ap.parse_args()
+    cfg = SimulationConfig(model="Llama-3.1-8B", hardware="H100", fast_forward=not args.no_fast_forward,
+                           record_steps=True)
+    rate = args.rate
+    capacity = None
+    if rate is None:
+        probe = run_simulation(cfg, _workload(3000, 1000.0))
+        capacity = probe.metrics["request_throughput"]
+        rate = round(0.8 * capacity, 2)
+    t_build = time.perf_counter()
+    workload = _workload(args.num_requests, rate)
+    requests, _ = build_requests(workload)
+    t_built = time.perf_counter()
+    from simulator.runner import EngineCore, SimBackend, make_cost_model, get_model, get_hardware, num_kv_blocks
+    from core.config import CacheConfig
+    import dataclasses
+    model, hw = get_model(cfg.model), get_hardware(cfg.hardware)
+    blocks = num_kv_blocks(model, hw, 1, 1, cfg.block_size, cfg.gpu_memory_utilization)
+    engine = EngineCore(dataclasses.replace(cfg.scheduler), CacheConfig(cfg.block_size, blocks),
+                        SimBackend(make_cost_model("roofline", model, hw)))
+    sim = Simulation([engine], requests, fast_forward=cfg.fast_forward)
+    profiler = None
+    if args.profile:
+        from pyinstrument import Profiler
+        profiler = Profiler()
+        profiler.start()
+    t0 = time.perf_counter()
+    result = sim.run()
+    loop = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.stop()
+        print(profiler.output_text(unicode=False, color=False, show_all=False))
+    from core.metrics import summarize
+    metrics = summarize(result.requests, result.steps)
+    process = _process_age()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = {
+        "num_requests": args.num_requests, "rate": rate, "measured_capacity_req_s": capacity,
+        "fast_forward": cfg.fast_forward, "event_loop_s": loop, "workload_build_s": t_built - t_build,
+        "process_s": process, "events": result.num_events,
+        "engine_steps": sum(s.num_steps for s in result.steps), "simulated_s": result.duration,
+        "sim_requests_per_s": args.num_requests / loop, "request_throughput": metrics["request_throughput"],
+        "median_ttft_ms": metrics["median_ttft_ms"], "median_tpot_ms": metrics["median_tpot_ms"],
+        "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    path = Path(args.out or f"experiments/results/bench_sim_{args.num_requests}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    print(f"simulated requests per second: {out['sim_requests_per_s']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
