@@ -1,0 +1,117 @@
+"""The cost-model interface: a step's batch reduced to a few sums, and its predicted time.
+
+The simulator asks for one step time per engine step (tens of thousands per run), so a
+batch is summarised once into the aggregates every per-op formula needs (tokens, decode
+requests and their context, the prefill chunks' token pairs) and ``step_time`` is O(1) in
+the batch size. Attention cost is linear in these sums, so nothing is lost by summing.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.scheduler_output import SchedulerOutput
+
+# Breakdown keys, in plotting order. MoE expert GEMMs and the router count as "mlp";
+# embedding gather, RMSNorm, rotary, residual adds and the MLP activation as "norm_rotary".
+OPS: tuple[str, ...] = ("qkv_proj", "o_proj", "mlp", "attn_prefill", "attn_decode", "lm_head",
+                        "norm_rotary", "sampling", "communication", "cpu_overhead")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """What a cost model needs from one step, as sums over its requests.
+
+    A request computes ``n`` new tokens after ``c`` cached ones; its context length is
+    ``L = c + n``. Requests with ``n == 1`` are *decode* requests (one query row, the
+    memory-bound decode kernel); all others are *prefill* (chunks, whole prompts,
+    speculative verification). Attention work is counted in causal query-key pairs:
+    a chunk's new token ``i`` sees ``c + i + 1`` keys, so it contributes
+    ``n * c + n * (n + 1) / 2`` pairs; a decode request contributes ``L``.
+    """
+
+    num_reqs: int
+    num_tokens: int  # all new tokens of the step
+    num_sampling: int  # requests that sample (rows through the LM head)
+    num_decode: int
+    decode_context: int  # sum of L over decode requests (= their KV tokens read)
+    prefill_tokens: int  # sum of n over prefill requests
+    prefill_context: int  # sum of L over prefill requests (KV tokens read)
+    prefill_pairs: int  # sum of causal query-key pairs over prefill requests
+
+    @classmethod
+    def from_scheduler_output(cls, out: SchedulerOutput) -> BatchShape:
+        """From the step's parallel lists; sampling rows are exact (``out.samples``)."""
+        return cls._build(out.num_new_tokens, out.num_computed_tokens, out.samples.count(True))
+
+    @classmethod
+    def from_lists(cls, num_new_tokens: Sequence[int], context_lens: Sequence[int],
+                   num_sampling: int | None = None) -> BatchShape:
+        """From per-request new-token counts and context lengths (``L = c + n``).
+
+        Without ``num_sampling`` every request is assumed to sample (the usual case:
+        only an unfinished prefill chunk does not).
+        """
+        if len(num_new_tokens) != len(context_lens):
+            raise ValueError(f"num_new_tokens has {len(num_new_tokens)} entries, context_lens {len(context_lens)}")
+        computed = [L - n for n, L in zip(num_new_tokens, context_lens)]
+        if any(c < 0 for c in computed):
+            raise ValueError("context_lens must be >= num_new_tokens for every request")
+        return cls._build(num_new_tokens, computed,
+                          len(num_new_tokens) if num_sampling is None else num_sampling)
+
+    @classmethod
+    def decode(cls, batch_size: int, sum_context: int) -> BatchShape:
+        """A pure-decode step: ``batch_size`` requests, context lengths summing to ``sum_context``."""
+        return cls(batch_size, batch_size, batch_size, batch_size, sum_context, 0, 0, 0)
+
+    @classmethod
+    def _build(cls, new: Sequence[int], computed: Sequence[int], num_sampling: int) -> BatchShape:
+        # Decode requests dominate big batches, so they are summed with C-level list.count
+        # and sum(); the Python loop runs only when some request is not decoding, and does
+        # arithmetic only for those (few) requests. A simulator step budget is ~10 us.
+        num_reqs = len(new)
+        num_decode = new.count(1)
+        sum_computed = sum(computed)
+        if num_decode == num_reqs:
+            return cls(num_reqs, num_reqs, num_sampling, num_reqs, sum_computed + num_reqs, 0, 0, 0)
+        p_tokens = p_computed = p_pairs = other_computed = 0
+        for n, c in zip(new, computed):
+            if n != 1:
+                other_computed += c
+                if n:
+                    p_tokens += n
+                    p_computed += c
+                    p_pairs += n * c + n * (n + 1) // 2
+        return cls(num_reqs, num_decode + p_tokens, num_sampling, num_decode,
+                   sum_computed - other_computed + num_decode, p_tokens, p_computed + p_tokens, p_pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """Predicted duration of one step (seconds) and its split by op (keys from ``OPS``)."""
+
+    total: float
+    breakdown: dict[str, float]
+
+
+class CostModel(ABC):
+    """Predicts step durations from ``BatchShape`` aggregates."""
+
+    @abstractmethod
+    def step_time(self, batch: BatchShape) -> StepTiming:
+        """Duration of one engine step running ``batch``; O(1) in the batch size."""
+
+    def decode_step_times(self, batch_size: int, sum_context: int, k: int) -> np.ndarray:
+        """Durations of ``k`` consecutive pure-decode steps of ``batch_size`` requests.
+
+        Step ``j`` has context lengths summing to ``sum_context + j * batch_size`` (every
+        request's context grows by one token a step). The simulator uses this to jump over
+        stretches where the batch composition does not change. This reference version
+        calls ``step_time``; subclasses vectorise it and must agree with it.
+        """
+        return np.array([self.step_time(BatchShape.decode(batch_size, sum_context + j * batch_size)).total
+                         for j in range(k)], dtype=float)
