@@ -64,17 +64,17 @@ class Scheduler:
         if max_tokens >= cfg.max_model_len:
             raise ValueError(f"request {rid!r}: max_tokens={max_tokens} leaves no room for a prompt "
                              f"within max_model_len={cfg.max_model_len}")
-        total = request.num_prompt_tokens + max_tokens
+        prompt = request.prompt_token_ids  # truncated locally: a rejected request stays untouched
+        total = len(prompt) + max_tokens
         if total > cfg.max_model_len:
             if not cfg.truncate_prompt:
-                raise ValueError(f"request {rid!r}: prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                raise ValueError(f"request {rid!r}: prompt ({len(prompt)} tokens) + max_tokens "
                                  f"({max_tokens}) = {total} exceeds max_model_len={cfg.max_model_len}")
             keep = cfg.max_model_len - max_tokens  # keep the prompt's tail, as vLLM's truncation does
-            request.prompt_token_ids = request.prompt_token_ids[-keep:]
-            request.all_token_ids = list(request.prompt_token_ids)
+            prompt = prompt[-keep:]
             total = cfg.max_model_len
-        if not self.chunking and request.num_prompt_tokens > cfg.max_num_batched_tokens:
-            raise ValueError(f"request {rid!r}: prompt of {request.num_prompt_tokens} tokens exceeds "
+        if not self.chunking and len(prompt) > cfg.max_num_batched_tokens:
+            raise ValueError(f"request {rid!r}: prompt of {len(prompt)} tokens exceeds "
                              f"max_num_batched_tokens={cfg.max_num_batched_tokens} with chunked prefill off")
         reserve = max(total, self.batching.reserve_tokens(request, cfg.max_model_len))
         need = self.kv.num_blocks_for(reserve)
@@ -83,6 +83,9 @@ class Scheduler:
             raise ValueError(f"request {rid!r}: needs {need} KV blocks ({reserve} tokens) but the pool can "
                              f"ever give {usable} ({self.kv.num_gpu_blocks} blocks minus a watermark of "
                              f"{self.watermark_blocks}); it could never run")
+        if prompt is not request.prompt_token_ids:
+            request.prompt_token_ids = prompt
+            request.all_token_ids = list(prompt)
         self.requests[rid] = request
         self._enqueue(request)
         self._blocked = _BLOCKED_NONE  # the newcomer has not been tried yet: no fast-forward
@@ -179,7 +182,7 @@ class Scheduler:
         out.new_token_ids = [r.all_token_ids[c:c + n] for r, c, n in zip(reqs, computed, out.num_new_tokens)]
         out.block_tables = [block_ids[rid] for rid in req_ids]
         out.samples = [c + n >= len(r.all_token_ids) for r, c, n in zip(reqs, computed, out.num_new_tokens)]
-        out.total_num_scheduled_tokens = cfg.max_num_batched_tokens - budget
+        out.total_num_scheduled_tokens = sum(out.num_new_tokens)  # _admit spends its own copy of budget
         return out
 
     def _admit(self, out: SchedulerOutput, scheduled: dict[str, int], budget: int) -> None:
@@ -197,6 +200,7 @@ class Scheduler:
         while waiting:
             if budget <= 0:
                 self._blocked = _BLOCKED_BUDGET
+                self._blocked_need = 0  # the head was not sized: decode_horizon must not assume it stays blocked
                 return
             if len(running) >= cfg.max_num_seqs:
                 self._blocked = _BLOCKED_SEQS
@@ -207,6 +211,8 @@ class Scheduler:
             req = waiting[0]
             if req.status == RequestStatus.SWAPPED:
                 num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                if threshold and num_new > threshold:  # swapped out in the middle of a long prefill
+                    num_new = threshold
                 extra = kv.num_blocks_for(req.num_computed_tokens + num_new) - len(req.swap_out_blocks)
                 if extra > kv.num_free_blocks - len(req.swap_out_blocks) - wm:
                     self._blocked = _BLOCKED_KV
@@ -216,7 +222,9 @@ class Scheduler:
             else:
                 computed, num_hit = kv.get_computed_blocks(req)
                 num_new = req.num_tokens - num_hit
-                if not self.chunking and num_new > budget:
+                # Without chunking a prompt runs whole; only the recomputation of a preempted
+                # request that outgrew the whole budget (prompt + outputs) is chunked, else it never runs.
+                if not self.chunking and budget < num_new <= cfg.max_num_batched_tokens:
                     self._blocked = _BLOCKED_BUDGET
                     self._blocked_need = num_new
                     return
@@ -339,9 +347,44 @@ class Scheduler:
             if left < k:
                 k = left
         # add_request guarantees prompt + max_tokens <= max_model_len, so max_tokens bounds length too.
+        if self.waiting and self._blocked in (_BLOCKED_KV, _BLOCKED_BUDGET):
+            k = self._hit_growth_horizon(k)
         if k <= 0:
             return 0
         return self._kv_horizon(k)
+
+    def _hit_growth_horizon(self, k: int) -> int:
+        """Largest k' <= k such that no step before k' extends the blocked head's prefix hit.
+
+        A running request that fills a block continuing the head's cached chain (e.g. the head
+        is an earlier turn's prompt + output) lengthens the head's hit, which shrinks what it
+        needs and can unblock it in that very step. Only a running request whose full blocks
+        so far are a prefix of the head's chain can do that, at the step that fills the block
+        just past the head's hit.
+        """
+        kv = self.kv
+        head = self.waiting[0]
+        if not kv.enable_prefix_caching or head.status == RequestStatus.SWAPPED:
+            return k
+        bs = kv.block_size
+        n = kv.get_computed_blocks(head)[1] // bs
+        if n >= (len(head.all_token_ids) - 1) // bs:
+            return k  # the hit cannot grow
+        hashes = head.block_hashes
+        for r in self.running:
+            c = r.num_computed_tokens
+            f = c // bs
+            if f > n:
+                continue  # its block n is already full: registering it again changes nothing
+            if f == 0:
+                if r.cache_salt != head.cache_salt:
+                    continue
+            elif len(r.block_hashes) >= f and r.block_hashes[f - 1] != hashes[f - 1]:
+                continue
+            s = (n + 1) * bs - c - 1  # the step that fills its block n
+            if s < k:
+                k = s
+        return k
 
     def _kv_horizon(self, k: int) -> int:
         """Largest k' <= k such that growing every running request k' tokens fits the free pool."""
@@ -375,24 +418,8 @@ class Scheduler:
         running = self.running
         kv = self.kv
         bs = kv.block_size
-        allocs = []  # (step, index) of each new block, in step-by-step order
-        for idx, r in enumerate(running):
-            nb = len(kv.req_to_blocks[r.request_id])
-            c = r.num_computed_tokens
-            first = nb * bs - c  # step that computes position nb*bs, the first one past held blocks
-            for step in range(first, k, bs):
-                allocs.append((step, idx))
-        if allocs:
-            allocs.sort()
-            get = kv.block_pool.get_new_blocks
-            for _, idx in allocs:
-                rid = running[idx].request_id
-                block = get(1)[0]
-                kv.req_to_blocks[rid].append(block)
-                kv.req_to_block_ids[rid].append(block.block_id)
         eos = self.eos_token_id
-        finished = []
-        for r, toks in zip(running, token_ids):
+        for r, toks in zip(running, token_ids):  # validate before changing anything
             sp = r.sampling_params
             stops = set(sp.stop_token_ids)
             if eos is not None and not sp.ignore_eos:
@@ -400,13 +427,40 @@ class Scheduler:
             if stops and not stops.isdisjoint(toks[:-1]):
                 raise RuntimeError(f"apply_decode_steps: request {r.request_id!r} sampled a stop token "
                                    "inside a fast-forwarded run; the backend must not fast-forward it")
+        # (step, index, kind) in step-by-step order: kind 0 takes a new block (the step computes
+        # the first position past the held blocks), kind 1 registers the block the step fills.
+        # Registering in this order matters: a hash already indexed on a free block keeps that
+        # entry (first writer wins) until the free block is reused, exactly as step by step.
+        events = []
+        caching = kv.enable_prefix_caching
+        for idx, r in enumerate(running):
+            c = r.num_computed_tokens
+            for step in range(len(kv.req_to_blocks[r.request_id]) * bs - c, k, bs):
+                events.append((step, idx, 0))
+            if caching:
+                for step in range(bs - 1 - c % bs, k, bs):
+                    events.append((step, idx, 1))
+        for r, toks in zip(running, token_ids):
             if r.first_token_time is None:
                 r.first_token_time = step_end_times[0]
             r.output_token_ids.extend(toks)
-            r.all_token_ids.extend(toks)
+            r.all_token_ids.extend(toks)  # known before registration: hashes read these tokens
             r.token_times.extend(step_end_times)
+        if events:
+            events.sort()
+            get = kv.block_pool.get_new_blocks
+            for step, idx, kind in events:
+                r = running[idx]
+                if kind:
+                    kv.cache_blocks(r, r.num_computed_tokens + step + 1)
+                else:
+                    rid = r.request_id
+                    block = get(1)[0]
+                    kv.req_to_blocks[rid].append(block)
+                    kv.req_to_block_ids[rid].append(block.block_id)
+        finished = []
+        for r, toks in zip(running, token_ids):
             r.num_computed_tokens += k
-            kv.cache_blocks(r, r.num_computed_tokens)
             if self._check_stop(r, toks[-1]):
                 r.finish_time = step_end_times[-1]
                 finished.append(r)
