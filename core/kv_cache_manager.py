@@ -153,6 +153,25 @@ class KVCacheManager:
             self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
         return ids
 
+    def append_decode_slot(self, request: Request) -> bool:
+        """Fast path of ``allocate_slots(request, 1)`` for a decoding request; False if no block is free.
+
+        Decode dominates steps, and its KV need is simple: a new block when position
+        ``num_computed`` starts one, a cache registration when it fills one.
+        """
+        rid = request.request_id
+        c = request.num_computed_tokens
+        blocks = self.req_to_blocks[rid]
+        if c >= len(blocks) * self.block_size:
+            if not self.block_pool.free_block_queue.num_free_blocks:
+                return False
+            block = self.block_pool.get_new_blocks(1)[0]
+            blocks.append(block)
+            self.req_to_block_ids[rid].append(block.block_id)
+        if self.enable_prefix_caching and (c + 1) % self.block_size == 0:
+            self._cache_full_blocks(request, blocks, c + 1)
+        return True
+
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         rid = request.request_id
         num_full = min(num_tokens, request.num_tokens) // self.block_size

@@ -42,7 +42,7 @@ class Request:
         "first_scheduled_time", "first_token_time", "token_times", "finish_time",
         "num_preemptions", "num_cached_tokens", "num_recomputed_cached_tokens", "block_hashes",
         "expected_output_len", "stop_reason", "client_id", "swap_out_blocks", "cache_salt",
-        "forced_output_token_ids", "replica",
+        "forced_output_token_ids", "replica", "stop_set", "max_num_tokens",
     )
 
     def __init__(
@@ -92,6 +92,11 @@ class Request:
         # conversation that the workload already baked into the next prompt). Real backends ignore it.
         self.forced_output_token_ids = forced_output_token_ids
         self.replica = 0  # data-parallel replica that served it (set by the router's caller)
+        # Set by the scheduler at admission, so the per-token finish check is two comparisons:
+        # the ids that stop it (EOS unless ignored, plus stop ids; None if none) and the
+        # total length (prompt + max_tokens, capped by max_model_len) at which it ends.
+        self.stop_set: frozenset[int] | None = None
+        self.max_num_tokens = 0
 
     # --- derived sizes -------------------------------------------------------------
     @property

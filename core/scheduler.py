@@ -86,6 +86,12 @@ class Scheduler:
         if prompt is not request.prompt_token_ids:
             request.prompt_token_ids = prompt
             request.all_token_ids = list(prompt)
+        sp = request.sampling_params
+        stops = set(sp.stop_token_ids)
+        if self.eos_token_id is not None and not sp.ignore_eos:
+            stops.add(self.eos_token_id)
+        request.stop_set = frozenset(stops) if stops else None
+        request.max_num_tokens = min(len(prompt) + max_tokens, cfg.max_model_len)
         self.requests[rid] = request
         self._enqueue(request)
         self._blocked = _BLOCKED_NONE  # the newcomer has not been tried yet: no fast-forward
@@ -132,21 +138,25 @@ class Scheduler:
         self.finished_req_ids = []
         budget = cfg.max_num_batched_tokens
         threshold = cfg.long_prefill_token_threshold
-        scheduled: dict[str, int] = {}  # request_id -> new tokens, in schedule order
+        # Scheduled requests and their new-token counts, in schedule order.
+        reqs: list[Request] = []
+        nums: list[int] = []
         running = self.running
 
         # 1. Running requests, in admission order.
         bs = kv.block_size
-        block_ids = kv.req_to_block_ids
+        mask = bs - 1
+        last_slot = bs - 1
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
             c = req.num_computed_tokens
             num_new = len(req.all_token_ids) - c
-            if num_new == 1 and c < len(block_ids[req.request_id]) * bs and (c + 1) % bs:
-                # Decode fast path: the slot exists and no block fills up, so the KV cache
-                # manager has nothing to do (this is most requests in most steps).
-                scheduled[req.request_id] = 1
+            if num_new == 1 and c and (0 < (c & mask) < last_slot or kv.append_decode_slot(req)):
+                # Decode fast path: inside a partly filled block the KV cache manager has
+                # nothing to do; at a block edge it takes or registers one block.
+                reqs.append(req)
+                nums.append(1)
                 budget -= 1
                 i += 1
                 continue
@@ -157,35 +167,40 @@ class Scheduler:
             while kv.allocate_slots(req, num_new) is None:
                 v = policy.victim_index(running)
                 victim = running[v]
-                budget += scheduled.pop(victim.request_id, 0)
+                for j, r in enumerate(reqs):
+                    if r is victim:  # already scheduled this step: refund its tokens
+                        budget += nums.pop(j)
+                        del reqs[j]
+                        break
                 self._preempt(victim, v, out)
                 if v < i:
                     i -= 1
                 if victim is req:
                     break
             else:
-                scheduled[req.request_id] = num_new
+                reqs.append(req)
+                nums.append(num_new)
                 budget -= num_new
                 i += 1
 
         # 2. Waiting requests, only if nobody was preempted this step.
         self._blocked = _BLOCKED_NONE
         if self.waiting and not out.preempted_req_ids:
-            self._admit(out, scheduled, budget)
+            self._admit(out, reqs, nums, budget)
 
         # 3. The plain output object.
-        requests = self.requests
-        req_ids = out.req_ids = list(scheduled)
-        out.num_new_tokens = list(scheduled.values())
-        reqs = self._scheduled_reqs = [requests[rid] for rid in req_ids]
+        block_ids = kv.req_to_block_ids
+        self._scheduled_reqs = reqs
+        out.req_ids = [r.request_id for r in reqs]
+        out.num_new_tokens = nums
         computed = out.num_computed_tokens = [r.num_computed_tokens for r in reqs]
-        out.new_token_ids = [r.all_token_ids[c:c + n] for r, c, n in zip(reqs, computed, out.num_new_tokens)]
-        out.block_tables = [block_ids[rid] for rid in req_ids]
-        out.samples = [c + n >= len(r.all_token_ids) for r, c, n in zip(reqs, computed, out.num_new_tokens)]
-        out.total_num_scheduled_tokens = sum(out.num_new_tokens)  # _admit spends its own copy of budget
+        out.new_token_ids = [r.all_token_ids[c:c + n] for r, c, n in zip(reqs, computed, nums)]
+        out.block_tables = [block_ids[rid] for rid in out.req_ids]
+        out.samples = [c + n >= len(r.all_token_ids) for r, c, n in zip(reqs, computed, nums)]
+        out.total_num_scheduled_tokens = sum(nums)
         return out
 
-    def _admit(self, out: SchedulerOutput, scheduled: dict[str, int], budget: int) -> None:
+    def _admit(self, out: SchedulerOutput, reqs: list[Request], nums: list[int], budget: int) -> None:
         cfg = self.config
         kv = self.kv
         policy = self.policy
@@ -245,7 +260,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             running.append(req)
             admitted += 1
-            scheduled[req.request_id] = num_new
+            reqs.append(req)
+            nums.append(num_new)
             budget -= num_new
 
     def _preempt(self, victim: Request, index: int, out: SchedulerOutput) -> None:
@@ -270,8 +286,6 @@ class Scheduler:
             raise RuntimeError(f"update_from_output for step {out.step_id}, but the last schedule() was step "
                                f"{self.step_id}")
         finished: list[Request] = []
-        eos = self.eos_token_id
-        max_len = self.config.max_model_len
         running_status = RequestStatus.RUNNING
         for req, n, tokens in zip(self._scheduled_reqs, out.num_new_tokens, result.sampled_token_ids):
             if req.status is not running_status:
@@ -283,10 +297,9 @@ class Scheduler:
                 req.token_times.append(now)
                 if req.first_token_time is None:
                     req.first_token_time = now
-                sp = req.sampling_params
-                # Inline common case; _check_stop decides the reason when anything may end it.
-                if (token == eos or sp.stop_token_ids or len(req.output_token_ids) >= sp.max_tokens
-                        or len(req.all_token_ids) >= max_len) and self._check_stop(req, token):
+                stops = req.stop_set
+                if (len(req.all_token_ids) >= req.max_num_tokens or (stops is not None and token in stops)) \
+                        and self._check_stop(req, token):
                     req.finish_time = now
                     finished.append(req)
                     break
