@@ -42,6 +42,22 @@ class FreeBlockQueue:
         self.remove(block)
         return block
 
+    def popleft_n(self, n: int) -> list[KVCacheBlock]:
+        """The first ``n`` blocks, unlinked with one splice (admission takes dozens at once)."""
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"FreeBlockQueue.popleft_n({n}) with {self.num_free_blocks} free")
+        out = []
+        block = self._head.next
+        for _ in range(n):
+            out.append(block)
+            nxt = block.next
+            block.prev = block.next = None
+            block = nxt
+        self._head.next = block
+        block.prev = self._head
+        self.num_free_blocks -= n
+        return out
+
     def remove(self, block: KVCacheBlock) -> None:
         prev, nxt = block.prev, block.next
         if prev is None or nxt is None:
@@ -92,17 +108,15 @@ class BlockPool:
 
     def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
         """Take ``n`` blocks from the LRU head, evicting their cached hashes."""
-        if n > self.free_block_queue.num_free_blocks:
+        queue = self.free_block_queue
+        if n > queue.num_free_blocks:
             raise RuntimeError(f"cannot get {n} blocks: only {self.num_free_blocks} free")
-        out = []
-        popleft = self.free_block_queue.popleft
-        for _ in range(n):
-            block = popleft()
+        out = queue.popleft_n(n)
+        for block in out:
             if block.block_hash is not None:
                 self._drop_hash(block)
                 self.num_evictions += 1
             block.ref_cnt = 1
-            out.append(block)
         return out
 
     def _drop_hash(self, block: KVCacheBlock) -> None:

@@ -179,9 +179,12 @@ class KVCacheManager:
         if num_full <= start:
             return
         hashes = self._request_block_hashes(request, num_full)
-        cache = self.block_pool.cache_block
-        for i in range(start, num_full):
-            cache(blocks[i], hashes[i])
+        index = self.block_pool.cached_block_hash_to_block
+        for i in range(start, num_full):  # BlockPool.cache_block, inlined: admission caches dozens
+            block = blocks[i]
+            if block.block_hash is None:
+                block.block_hash = hashes[i]
+                index.setdefault(hashes[i], block)
         self.num_cached_blocks[rid] = num_full
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:

@@ -69,22 +69,24 @@ def main() -> None:
         from pyinstrument import Profiler
         profiler = Profiler()
         profiler.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = sim.run()
     loop = time.perf_counter() - t0
+    loop_cpu = time.process_time() - c0
     if profiler is not None:
         profiler.stop()
         print(profiler.output_text(unicode=False, color=False, show_all=False))
     from core.metrics import summarize
     metrics = summarize(result.requests, result.steps)
     process = _process_age()
+    process_cpu = time.process_time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {
         "num_requests": args.num_requests, "rate": rate, "measured_capacity_req_s": capacity,
-        "fast_forward": cfg.fast_forward, "event_loop_s": loop, "workload_build_s": t_built - t_build,
-        "process_s": process, "events": result.num_events,
+        "fast_forward": cfg.fast_forward, "event_loop_s": loop, "event_loop_cpu_s": loop_cpu, "workload_build_s": t_built - t_build,
+        "process_s": process, "process_cpu_s": process_cpu, "events": result.num_events,
         "engine_steps": sum(s.num_steps for s in result.steps), "simulated_s": result.duration,
-        "sim_requests_per_s": args.num_requests / loop, "request_throughput": metrics["request_throughput"],
+        "sim_requests_per_s": args.num_requests / loop, "sim_requests_per_cpu_s": args.num_requests / loop_cpu, "request_throughput": metrics["request_throughput"],
         "median_ttft_ms": metrics["median_ttft_ms"], "median_tpot_ms": metrics["median_tpot_ms"],
         "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
