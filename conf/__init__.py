@@ -1,0 +1,1 @@
+"""Hydra config groups (YAML only); a package so that an installed servelab ships them."""
