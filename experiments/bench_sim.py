@@ -32,8 +32,9 @@ def _process_age() -> float:
 
 
 def _workload(n: int, rate: float):
-    return build_workload(WorkloadConfig(kind="azure_conv", arrival="poisson", rate=rate, num_requests=n, seed=0,
-                                         max_model_len=8192))
+    # Lengths resampled from the Azure conv trace (any count; the trace itself has 19,366 rows).
+    return build_workload(WorkloadConfig(kind="synthetic", lengths="azure_conv", arrival="poisson", rate=rate,
+                                         num_requests=n, seed=0, max_model_len=8192))
 
 
 def main() -> None:
@@ -55,6 +56,8 @@ def main() -> None:
     t_build = time.perf_counter()
     workload = _workload(args.num_requests, rate)
     requests, _ = build_requests(workload)
+    if len(requests) != args.num_requests:
+        raise SystemExit(f"workload has {len(requests)} requests, asked for {args.num_requests}")
     t_built = time.perf_counter()
     from simulator.runner import EngineCore, SimBackend, make_cost_model, get_model, get_hardware, num_kv_blocks
     from core.config import CacheConfig
