@@ -23,26 +23,31 @@ class SimBackend:
                  swap_bandwidth: float = 25e9) -> None:
         self.cost_model = cost_model
         self.requests: dict[str, Request] = {}
+        self._one_token = [SIM_TOKEN_ID]
+        self._no_token: list[int] = []
+        self._has_forced = False  # any request with forced outputs seen (see note_request)
         self.swap_seconds_per_block = swap_bytes_per_block / swap_bandwidth if swap_bandwidth > 0 else 0.0
 
     def bind(self, requests: dict[str, Request]) -> None:
         """Share the scheduler's live request table (for forced output ids)."""
         self.requests = requests
 
+    def note_request(self, request: Request) -> None:
+        """Called as a request is added, so steps without forced outputs skip the per-request lookup."""
+        if request.forced_output_token_ids:
+            self._has_forced = True
+
     def execute(self, out: SchedulerOutput) -> StepResult:
         timing = self.cost_model.step_time(BatchShape.from_scheduler_output(out))
         requests = self.requests
-        sampled: list[list[int]] = []
-        for rid, s in zip(out.req_ids, out.samples):
-            if not s:
-                sampled.append([])
-                continue
-            forced = requests[rid].forced_output_token_ids
-            if forced:
-                n = len(requests[rid].output_token_ids)
-                sampled.append([forced[n] if n < len(forced) else SIM_TOKEN_ID])
-            else:
-                sampled.append([SIM_TOKEN_ID])
+        one, none = self._one_token, self._no_token  # shared, never mutated: the engine copies ids out
+        sampled = [one if s else none for s in out.samples]
+        if self._has_forced:
+            for i, rid in enumerate(out.req_ids):
+                forced = requests[rid].forced_output_token_ids
+                if forced and out.samples[i]:
+                    n = len(requests[rid].output_token_ids)
+                    sampled[i] = [forced[n] if n < len(forced) else SIM_TOKEN_ID]
         duration = timing.total
         breakdown = timing.breakdown
         n_swap = len(out.blocks_to_swap_in) + len(out.blocks_to_swap_out)

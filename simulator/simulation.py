@@ -69,6 +69,7 @@ class Replica:
     def add(self, request: Request) -> None:
         self.sync(self.sim.env.now)
         self.engine.add_request(request)
+        self.backend.note_request(request)
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
 
