@@ -1,0 +1,678 @@
+"""ModelRunner: runs one core ``SchedulerOutput`` on the model and returns a ``StepResult``.
+
+Per step: copy swapped blocks, build the flattened batch (token ids, positions, KV slots,
+attention metadata) on the host, copy it to the device once, run the forward (a CUDA-graph
+replay for pure-decode batches, eager otherwise), compute logits only for the rows that
+sample, sample, and return the tokens with the measured duration.
+
+Host preparation is on the critical path of every step, so it avoids per-request tensor
+work: block tables live in a persistent numpy array with one row per running request
+(only a table's new tail is copied when it grows), positions and slots are numpy
+expressions over the whole batch, and every per-step array is written into one pinned
+int32 buffer that goes to the GPU in a single ``cudaMemcpyAsync``. Per-request sampling
+parameters are read once, when a request first gets a row, into per-row arrays.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.request import Request, RequestStatus
+from core.sampling_params import SamplingParams
+from core.scheduler_output import SchedulerOutput, StepResult
+from executor import memory
+from executor.config import ModelConfig
+from executor.cuda_graphs import CudaGraphSet, default_capture_sizes, select_capture_sizes
+from executor.layers import AttentionMetadata, KernelOps, paged_attention_torch, set_kernel_ops
+from executor.loader import LoadedModel
+from executor.sampler import SamplingBatch, sample
+
+
+def _align(n: int, to: int = 16) -> int:
+    return -(-n // to) * to
+
+
+@dataclass
+class StepMetadata(AttentionMetadata):
+    """``AttentionMetadata`` plus a fixed split-K choice for the paged-attention kernel
+    (None lets the kernel choose; CUDA graphs pass the choice made at capture)."""
+
+    num_splits: int | None = None
+
+
+def runner_kernel_ops() -> KernelOps:
+    """The Triton kernels (which run their torch references on CPU tensors), with the
+    runner's split-K choice passed through, and the torch attention for sliding-window
+    layers (the Triton kernel has no window)."""
+    from executor import kernels
+    from executor.layers import triton_ops
+
+    base = triton_ops()
+
+    def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        metadata: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
+        if sliding_window is not None:
+            return paged_attention_torch(q, k_cache, v_cache, metadata, scale, sliding_window)
+        return kernels.paged_attention(q, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
+                                       metadata.block_tables, scale, max_query_len=metadata.max_query_len,
+                                       max_seq_len=metadata.max_seq_len,
+                                       num_splits=getattr(metadata, "num_splits", None))
+
+    return KernelOps(name="runner", rms_norm=base.rms_norm, rotary_embedding=base.rotary_embedding,
+                     store_kv=base.store_kv, paged_attention=paged_attention)
+
+
+@dataclass
+class RunnerStats:
+    """Counters over the runner's life (the benchmarks read them)."""
+
+    steps: int = 0
+    graph_steps: int = 0
+    eager_steps: int = 0
+    tokens: int = 0
+    sampled_tokens: int = 0
+    context_tokens: int = 0  # sum over steps of every request's sequence length (KV read)
+    prepare_seconds: float = 0.0  # host time from execute() entry to the input copy
+    execute_seconds: float = 0.0  # sum of StepResult.duration
+    swap_blocks: int = 0
+    max_batch: int = 0
+    graph_sizes: dict[int, int] = field(default_factory=dict)
+    # One entry per executed step when ``record_steps`` (benchmarks): its context tokens.
+    record_steps: bool = False
+    step_context_tokens: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    """Owns the model, its paged KV cache (and the host pool for swapping) and CUDA graphs.
+
+    ``requests`` must be the scheduler's live request table (``bind``): the runner reads a
+    request's ``SamplingParams`` from it the first time the request is scheduled.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, max_model_len: int = 8192,
+                 gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
+                 num_cpu_blocks: int = 0, enforce_eager: bool = False,
+                 cuda_graph_sizes: list[int] | None = None, kernel_ops: KernelOps | None = None,
+                 seed: int | None = 0, emulate_cuda_graphs: bool = False,
+                 attention_num_splits: int | None = None) -> None:
+        self.model = loaded.model
+        self.config: ModelConfig = loaded.config
+        self.device = next(self.model.parameters()).device
+        self.is_cuda = self.device.type == "cuda"
+        cfg = self.config
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        # Block-table rows are padded to a multiple of 16 entries, and every region of the
+        # staging buffer starts 64-byte aligned: Triton specialises kernels on pointer
+        # alignment and on ints divisible by 16, so unaligned views would compile new
+        # kernel variants in the middle of a run.
+        self.max_blocks_per_seq = _align(-(-max_model_len // block_size))
+        # The runner's kernels are active only inside its own calls (profile, capture,
+        # execute); the module-level default stays whatever the caller set.
+        self.ops = kernel_ops or runner_kernel_ops()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self._rng = np.random.default_rng(seed)  # per-step seeds of the fused sampler
+        self.attention_num_splits = attention_num_splits  # forced split-K of the decode graphs
+        lm_head = getattr(self.model, "lm_head", None)
+        embed = getattr(getattr(self.model, "model", None), "embed_tokens", None)
+        # The LM-head weight, so logits stay in the model dtype (the sampler upcasts only
+        # where it needs to); None falls back to ``model.compute_logits``.
+        self._lm_head_weight = (lm_head.weight if lm_head is not None else
+                                embed.weight if embed is not None else None)
+        self.requests: dict[str, Request] = {}
+        self.stats = RunnerStats()
+        self.block_bytes = memory.kv_block_bytes(cfg, block_size)
+        self.weight_bytes = memory.weight_bytes(self.model)
+        self.memory_profile: memory.MemoryProfile | None = None
+
+        # Which decode batches get graphs (decided now: it sizes the staging buffer).
+        sliding = any(w is not None for w in cfg.sliding_windows)
+        # ``emulate_cuda_graphs`` (a testing aid) runs the padded fixed-layout graph path
+        # eagerly, on any device, so its bookkeeping is checked where no GPU exists.
+        self.emulate_graphs = emulate_cuda_graphs and not self.is_cuda
+        self.use_graphs = (self.is_cuda or self.emulate_graphs) and not enforce_eager and not sliding
+        max_decode_batch = min(max_num_seqs, max_num_batched_tokens)
+        self.capture_sizes = ((select_capture_sizes(cuda_graph_sizes, max_decode_batch) if cuda_graph_sizes
+                               else default_capture_sizes(max_decode_batch)) if self.use_graphs else [])
+        g_max = max(self.capture_sizes, default=0)
+        self._alloc_staging(max(max_num_batched_tokens, g_max), max(max_num_seqs, g_max))
+        self._init_rows(max(max_num_seqs, 1))
+
+        # KV cache: profile the peak of a full-budget step, then give the rest to the pool.
+        if num_gpu_blocks is None:
+            if self.is_cuda:
+                self.memory_profile = self._profile(gpu_memory_utilization)
+                num_gpu_blocks = self.memory_profile.num_blocks
+            else:
+                num_gpu_blocks = memory.default_cpu_num_blocks(self.block_bytes, self.max_blocks_per_seq)
+        if num_gpu_blocks < 1:
+            detail = f": {self.memory_profile.describe()}" if self.memory_profile else ""
+            raise ValueError(f"no room for a KV cache{detail}; raise gpu_memory_utilization, lower "
+                             "max_num_batched_tokens / max_num_seqs, or use a smaller model")
+        self.num_gpu_blocks = int(num_gpu_blocks)
+        self.num_cpu_blocks = int(num_cpu_blocks)
+        self.kv_pool = memory.allocate_kv_pool(cfg, self.num_gpu_blocks, block_size, self.device)
+        self.model.bind_kv_cache(memory.layer_views(self.kv_pool))
+        self.host_pool = (memory.allocate_kv_pool(cfg, self.num_cpu_blocks, block_size, torch.device("cpu"),
+                                                  pin_memory=self.is_cuda) if self.num_cpu_blocks else None)
+
+        self.graphs = CudaGraphSet()
+        if self.is_cuda:
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        if self.use_graphs:
+            self._capture_graphs()
+        if self.is_cuda:
+            self._warmup_kernels()
+
+    # --- request table ------------------------------------------------------------------
+    def bind(self, requests: dict[str, Request]) -> None:
+        """Share the scheduler's live request table (``engine.scheduler.requests``)."""
+        self.requests = requests
+
+    # --- buffers ------------------------------------------------------------------------
+    def _alloc_staging(self, max_tokens: int, max_reqs: int) -> None:
+        """One int32 staging buffer (pinned on CUDA) and its device twin, big enough for the
+        largest eager step and for every graph's fixed layout."""
+        n = 3 * max_tokens + 2 * max_reqs + 1 + max_reqs * self.max_blocks_per_seq + 4 * max_reqs + 16 * 10
+        self.staging_capacity = n
+        self.host_buf = torch.zeros(n, dtype=torch.int32, pin_memory=self.is_cuda)
+        self.host_np = self.host_buf.numpy()
+        self.host_np_f32 = self.host_np.view(np.float32)
+        self.dev_buf = torch.zeros(n, dtype=torch.int32, device=self.device) if self.is_cuda else self.host_buf
+        self.dev_buf_f32 = self.dev_buf.view(torch.float32)
+
+    def _init_rows(self, n: int) -> None:
+        """Persistent per-request rows: block table, sampling parameters."""
+        self.bt_rows = np.zeros((n, self.max_blocks_per_seq), dtype=np.int32)
+        self.row_temp = np.zeros(n, dtype=np.float32)
+        self.row_top_k = np.zeros(n, dtype=np.int32)
+        self.row_top_p = np.ones(n, dtype=np.float32)
+        self.row_seeded = np.zeros(n, dtype=bool)
+        self.row_rid: list[str | None] = [None] * n
+        self.free_rows = list(range(n - 1, -1, -1))
+        self.row_of: dict[str, list[Any]] = {}  # rid -> [row, block table list object, entries copied]
+        self.generators: dict[str, torch.Generator] = {}
+
+    def _grow_rows(self) -> None:
+        old = self.bt_rows.shape[0]
+        new = 2 * old
+        self.bt_rows = np.concatenate([self.bt_rows, np.zeros_like(self.bt_rows)])
+        self.row_temp = np.concatenate([self.row_temp, np.zeros(old, np.float32)])
+        self.row_top_k = np.concatenate([self.row_top_k, np.zeros(old, np.int32)])
+        self.row_top_p = np.concatenate([self.row_top_p, np.ones(old, np.float32)])
+        self.row_seeded = np.concatenate([self.row_seeded, np.zeros(old, bool)])
+        self.row_rid.extend([None] * old)
+        self.free_rows.extend(range(new - 1, old - 1, -1))
+
+    def _release(self, rid: str, finished: bool) -> None:
+        entry = self.row_of.pop(rid, None)
+        if entry is not None:
+            self.row_rid[entry[0]] = None
+            self.free_rows.append(entry[0])
+        if finished:
+            self.generators.pop(rid, None)
+
+    def _sweep(self) -> None:
+        """Free rows of requests that ended without the runner hearing of it (the engine
+        does not execute an empty step, so its ``finished_req_ids`` never reach us)."""
+        requests = self.requests
+        for rid in list(self.row_of):
+            req = requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                self._release(rid, finished=req is None or req.is_finished)
+        for rid in list(self.generators):
+            if rid not in requests:
+                del self.generators[rid]
+
+    def _assign_row(self, rid: str, table: list[int]) -> list[Any]:
+        if not self.free_rows:
+            self._sweep()
+            if not self.free_rows:
+                self._grow_rows()
+        row = self.free_rows.pop()
+        n = min(len(table), self.max_blocks_per_seq)
+        self.bt_rows[row, :n] = table[:n]
+        req = self.requests.get(rid)
+        if req is None:
+            raise RuntimeError(f"request {rid!r} is not in the runner's request table: call "
+                               "RealBackend.bind(engine.scheduler.requests) after building the engine")
+        sp: SamplingParams = req.sampling_params
+        self.row_temp[row] = sp.temperature
+        self.row_top_k[row] = sp.top_k
+        self.row_top_p[row] = sp.top_p
+        self.row_seeded[row] = sp.seed is not None and sp.temperature > 0
+        if sp.seed is not None and rid not in self.generators:
+            self.generators[rid] = torch.Generator(device=self.device).manual_seed(sp.seed)
+        self.row_rid[row] = rid
+        entry = [row, table, n]
+        self.row_of[rid] = entry
+        return entry
+
+    def _rows_for(self, out: SchedulerOutput) -> np.ndarray:
+        for rid in out.finished_req_ids:
+            self._release(rid, finished=True)
+        for rid in out.preempted_req_ids:
+            self._release(rid, finished=False)
+        row_of = self.row_of
+        bt = self.bt_rows
+        max_b = self.max_blocks_per_seq
+        rows = []
+        append = rows.append
+        for rid, table in zip(out.req_ids, out.block_tables):
+            e = row_of.get(rid)
+            if e is None:
+                e = self._assign_row(rid, table)
+                bt = self.bt_rows  # may have grown
+            elif e[1] is not table:  # a new table (swapped in): rewrite the row
+                n = min(len(table), max_b)
+                bt[e[0], :n] = table[:n]
+                e[1] = table
+                e[2] = n
+            else:
+                n = len(table)
+                if n != e[2]:  # the table grew: copy the new tail only
+                    old = e[2]
+                    if n > max_b:
+                        n = max_b
+                    bt[e[0], old:n] = table[old:n]
+                    e[2] = n
+            append(e[0])
+        return np.array(rows, dtype=np.int64)
+
+    # --- profiling ----------------------------------------------------------------------
+    def _dummy_batch(self, num_reqs: int, num_tokens: int) -> tuple[list[int], list[int]]:
+        per = num_tokens // num_reqs
+        new = [per] * num_reqs
+        new[-1] += num_tokens - per * num_reqs
+        return new, [0] * num_reqs
+
+    @contextlib.contextmanager
+    def _own_ops(self) -> Iterator[None]:
+        previous = set_kernel_ops(self.ops)
+        try:
+            yield
+        finally:
+            set_kernel_ops(previous)
+
+    def _profile(self, gpu_memory_utilization: float) -> memory.MemoryProfile:
+        with self._own_ops(), torch.inference_mode():
+            return self._profile_run(gpu_memory_utilization)
+
+    def _profile_run(self, gpu_memory_utilization: float) -> memory.MemoryProfile:
+        """A forward of ``max_num_batched_tokens`` tokens over ``max_num_seqs`` requests
+        (plus logits and top-k/top-p sampling of every request) on a one-block dummy
+        cache; its peak sizes the KV pool."""
+        cfg = self.config
+        dummy = memory.allocate_kv_pool(cfg, 1, self.block_size, self.device)
+        self.model.bind_kv_cache(memory.layer_views(dummy))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.max_num_batched_tokens
+        num_reqs = min(self.max_num_seqs, num_tokens)
+        new, computed = self._dummy_batch(num_reqs, num_tokens)
+        seq_max = max(new)
+        tables_width = _align(-(-seq_max // self.block_size))
+        slots = torch.full((num_tokens,), -1, dtype=torch.int32, device=self.device)
+        starts = torch.tensor([0, *np.cumsum(new).tolist()], dtype=torch.int32, device=self.device)
+        md = StepMetadata(slot_mapping=slots, query_start_loc=starts,
+                          seq_lens=torch.tensor(new, dtype=torch.int32, device=self.device),
+                          block_tables=torch.zeros(num_reqs, tables_width, dtype=torch.int32, device=self.device),
+                          max_query_len=seq_max, max_seq_len=seq_max)
+        ids = torch.zeros(num_tokens, dtype=torch.int32, device=self.device)
+        positions = torch.cat([torch.arange(n, dtype=torch.int32, device=self.device) for n in new])
+        hidden = self.model(ids, positions, md)
+        logits = self.model.compute_logits(hidden[starts[1:].long() - 1])
+        n = logits.shape[0]
+        batch = SamplingBatch(all_greedy=False, any_greedy=True,
+                              temperature=torch.full((n,), 0.7, device=self.device),
+                              top_k=torch.full((n,), 50, dtype=torch.int32, device=self.device),
+                              top_p=torch.full((n,), 0.9, device=self.device), max_top_k=50)
+        sample(logits, batch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        prof = memory.num_blocks_from_profile(self.device, gpu_memory_utilization, self.block_bytes,
+                                              self.weight_bytes, peak)
+        del hidden, logits, md, dummy, ids, positions, slots, starts, batch
+        torch.cuda.empty_cache()
+        return prof
+
+    # --- CUDA graphs --------------------------------------------------------------------
+    @staticmethod
+    def _layout(num_tokens: int, num_reqs: int, width: int, num_sample: int) -> tuple[int, ...]:
+        """Offsets (int32 elements, each 16-aligned) of a step's regions in the staging
+        buffer: ids at 0, then positions, slots, query_start_loc, seq_lens, block tables,
+        logits rows, temperatures, top-k, top-p; the last value is the end."""
+        o_pos = _align(num_tokens)
+        o_slot = o_pos + o_pos
+        o_qsl = o_slot + o_pos
+        o_seq = o_qsl + _align(num_reqs + 1)
+        o_bt = o_seq + _align(num_reqs)
+        o_lidx = o_bt + num_reqs * width
+        o_temp = o_lidx + _align(num_sample)
+        o_topk = o_temp + _align(num_sample)
+        o_topp = o_topk + _align(num_sample)
+        return o_pos, o_slot, o_qsl, o_seq, o_bt, o_lidx, o_temp, o_topk, o_topp, o_topp + num_sample
+
+    def _graph_inputs(self, size: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+        o_pos, o_slot, o_qsl, o_seq, o_bt, *_ = self._layout(size, size, self.max_blocks_per_seq, 0)
+        d = self.dev_buf
+        md = StepMetadata(slot_mapping=d[o_slot:o_slot + size], query_start_loc=d[o_qsl:o_qsl + size + 1],
+                          seq_lens=d[o_seq:o_seq + size],
+                          block_tables=d[o_bt:o_bt + size * self.max_blocks_per_seq].view(
+                              size, self.max_blocks_per_seq),
+                          max_query_len=1, max_seq_len=self.max_model_len, num_splits=num_splits)
+        return d[:size], d[o_pos:o_pos + size], md
+
+    def _capture_graphs(self) -> None:
+        with self._own_ops(), torch.inference_mode():
+            self._capture_graphs_run()
+
+    def _capture_graphs_run(self) -> None:
+        """Capture the decode forward for every size, largest first (the pool then only
+        grows once), after the KV pool is allocated."""
+        from executor.kernels import choose_num_splits
+
+        cfg = self.config
+        num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1)
+        t0 = time.perf_counter()
+        h = self.host_np
+        for size in sorted(self.capture_sizes, reverse=True):
+            o_pos, o_slot, o_qsl, o_seq, o_bt, _, _, _, _, end = self._layout(size, size, self.max_blocks_per_seq, 0)
+            h[:size] = 0
+            h[o_pos:o_pos + size] = 0
+            h[o_slot:o_slot + size] = -1
+            h[o_qsl:o_qsl + size + 1] = np.arange(size + 1)
+            h[o_seq:o_seq + size] = 1
+            h[o_bt:end] = 0
+            if self.is_cuda:
+                self.dev_buf[:end].copy_(self.host_buf[:end])
+            num_splits = (self.attention_num_splits or
+                          choose_num_splits(size, cfg.num_key_value_heads, self.max_model_len, num_sms))
+            ids, positions, md = self._graph_inputs(size, num_splits)
+            self.graphs.capture(size, lambda ids=ids, positions=positions, md=md: self.model(ids, positions, md),
+                                num_splits, emulate=self.emulate_graphs)
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        self.graph_capture_seconds = time.perf_counter() - t0
+
+    def _warmup_kernels(self) -> None:
+        """Compile, now rather than mid-run, the kernel variants a run can meet that the
+        profile pass and the graph captures did not: paged attention with a short or a
+        long query tile (decode-like / prefill-like) at every split-K factor, and the fused
+        sampler. Each forward is one request of <= 64 tokens on block 0, writing nothing."""
+        from executor.sampler import gumbel_sample
+
+        t0 = time.perf_counter()
+        dev = self.device
+        with self._own_ops(), torch.inference_mode():
+            for q_len in (1, 64):
+                width = _align(-(-q_len // self.block_size))
+                for splits in (1, 2, 4, 8, 16):
+                    md = StepMetadata(slot_mapping=torch.full((q_len,), -1, dtype=torch.int32, device=dev),
+                                      query_start_loc=torch.tensor([0, q_len], dtype=torch.int32, device=dev),
+                                      seq_lens=torch.tensor([q_len], dtype=torch.int32, device=dev),
+                                      block_tables=torch.zeros(1, width, dtype=torch.int32, device=dev),
+                                      max_query_len=q_len, max_seq_len=q_len, num_splits=splits)
+                    self.model(torch.zeros(q_len, dtype=torch.int32, device=dev),
+                               torch.arange(q_len, dtype=torch.int32, device=dev), md)
+            if self.is_cuda:
+                logits = torch.zeros(2, self.config.vocab_size, dtype=self.config.dtype, device=dev)
+                gumbel_sample(logits, torch.tensor([0.0, 1.0], device=dev), 0)
+                torch.cuda.synchronize(dev)
+        self.warmup_seconds = time.perf_counter() - t0
+
+    # --- one step ---------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one scheduled step; returns the sampled tokens and the measured duration."""
+        previous = set_kernel_ops(self.ops)
+        try:
+            with torch.inference_mode():
+                return self._execute(out)
+        finally:
+            set_kernel_ops(previous)
+
+    def _execute(self, out: SchedulerOutput) -> StepResult:
+        is_cuda = self.is_cuda
+        t_start = time.perf_counter()
+        if is_cuda:
+            ev_start, ev_prep, ev_end = self._events
+            ev_start.record()
+        if out.blocks_to_swap_out or out.blocks_to_swap_in:
+            self._swap(out)
+        num_reqs = len(out.req_ids)
+        if num_reqs == 0:
+            return StepResult([], time.perf_counter() - t_start)
+
+        # ---- host preparation ----
+        rows = self._rows_for(out)
+        bs = self.block_size
+        num_tokens = out.total_num_scheduled_tokens
+        computed = np.array(out.num_computed_tokens, dtype=np.int64)
+        decode = num_tokens == num_reqs
+        graph = None
+        if decode:
+            if self.use_graphs and num_reqs <= self.graphs.max_size:
+                graph = self.graphs.graphs[self.graphs.padded_size(num_reqs)]
+            positions = computed
+            seq_lens = computed + 1
+            token_rows = rows
+            ids = [t[0] for t in out.new_token_ids]
+            max_query_len = 1
+        else:
+            num_new = np.array(out.num_new_tokens, dtype=np.int64)
+            seq_lens = computed + num_new
+            req_of_token = np.repeat(np.arange(num_reqs), num_new)
+            starts = np.cumsum(num_new) - num_new
+            positions = np.arange(num_tokens, dtype=np.int64) + (computed - starts)[req_of_token]
+            token_rows = rows[req_of_token]
+            ids = np.fromiter(chain.from_iterable(out.new_token_ids), dtype=np.int64, count=num_tokens)
+            max_query_len = int(num_new.max())
+        slots = self.bt_rows[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        max_seq_len = int(seq_lens.max())
+
+        samples = out.samples
+        all_sample = all(samples)
+        if all_sample:
+            sample_idx = None
+            num_sample = num_reqs
+            srows = rows
+        else:
+            sample_idx = np.flatnonzero(np.array(samples, dtype=bool))
+            num_sample = len(sample_idx)
+            srows = rows[sample_idx]
+
+        if graph is not None:
+            padded = graph.size
+            width = self.max_blocks_per_seq
+            t_pad = r_pad = padded
+        else:
+            padded = num_reqs
+            width = _align(-(-max_seq_len // bs))
+            t_pad, r_pad = num_tokens, num_reqs
+        o_pos, o_slot, o_qsl, o_seq, o_bt, o_lidx, o_temp, o_topk, o_topp, _ = self._layout(
+            t_pad, r_pad, width, num_sample)
+        h = self.host_np
+        h[:num_tokens] = ids
+        h[o_pos:o_pos + num_tokens] = positions
+        h[o_slot:o_slot + num_tokens] = slots
+        qsl = h[o_qsl:o_qsl + r_pad + 1]
+        qsl[0] = 0
+        if decode:
+            qsl[1:] = np.arange(1, r_pad + 1)
+        else:
+            np.cumsum(num_new, out=qsl[1:num_reqs + 1])
+        h[o_seq:o_seq + num_reqs] = seq_lens
+        bt_view = h[o_bt:o_bt + r_pad * width].reshape(r_pad, width)
+        if width == self.max_blocks_per_seq:
+            np.take(self.bt_rows, rows, axis=0, out=bt_view[:num_reqs])
+        else:
+            bt_view[:num_reqs] = self.bt_rows[rows, :width]
+        if padded > num_reqs:  # graph padding rows: token 0 at position 0, no KV write, 1-token context
+            h[num_reqs:padded] = 0
+            h[o_pos + num_reqs:o_pos + padded] = 0
+            h[o_slot + num_reqs:o_slot + padded] = -1
+            h[o_seq + num_reqs:o_seq + padded] = 1
+            bt_view[num_reqs:] = 0
+
+        # ---- forward: copy the forward's inputs, launch, and prepare the rest meanwhile ----
+        d = self.dev_buf
+        if is_cuda:
+            d[:o_lidx].copy_(self.host_buf[:o_lidx], non_blocking=True)
+            ev_prep.record()
+        t_prep = time.perf_counter()
+        if graph is not None:
+            hidden = graph.replay()
+            self.stats.graph_steps += 1
+            self.stats.graph_sizes[padded] = self.stats.graph_sizes.get(padded, 0) + 1
+        else:
+            md = StepMetadata(slot_mapping=d[o_slot:o_slot + num_tokens],
+                              query_start_loc=d[o_qsl:o_qsl + num_reqs + 1],
+                              seq_lens=d[o_seq:o_seq + num_reqs],
+                              block_tables=d[o_bt:o_bt + num_reqs * width].view(num_reqs, width),
+                              max_query_len=max_query_len, max_seq_len=max_seq_len)
+            hidden = self.model(d[:num_tokens], d[o_pos:o_pos + num_tokens], md)
+            self.stats.eager_steps += 1
+
+        # Sampling parameters of the sampling rows (the GPU is busy with the forward).
+        temps = self.row_temp[srows]
+        all_greedy = not temps.any()
+        batch = SamplingBatch()
+        copy_end = o_lidx
+        if sample_idx is not None:
+            starts_np = qsl[1:num_reqs + 1]
+            h[o_lidx:o_lidx + num_sample] = starts_np[sample_idx] - 1
+            copy_end = o_lidx + num_sample
+        use_k = use_p = False
+        if not all_greedy:
+            hf = self.host_np_f32
+            hf[o_temp:o_temp + num_sample] = temps
+            copy_end = o_temp + num_sample
+            top_k = self.row_top_k[srows]
+            top_p = self.row_top_p[srows]
+            use_k = bool(top_k.any())
+            use_p = bool((top_p < 1.0).any())
+            if use_k:
+                h[o_topk:o_topk + num_sample] = top_k
+                copy_end = o_topk + num_sample
+            if use_p:
+                hf[o_topp:o_topp + num_sample] = top_p
+                copy_end = o_topp + num_sample
+            batch.all_greedy = False
+            batch.seed = int(self._rng.integers(1 << 31))
+            batch.any_greedy = bool((temps == 0).any())
+            batch.max_top_k = int(top_k.max()) if use_k else 0
+            if self.row_seeded[srows].any():
+                row_rid = self.row_rid
+                gens = self.generators
+                batch.generators = {i: gens[row_rid[r]] for i, r in enumerate(srows.tolist())
+                                    if row_rid[r] in gens and self.row_temp[r] > 0}
+        if is_cuda and copy_end > o_lidx:
+            d[o_lidx:copy_end].copy_(self.host_buf[o_lidx:copy_end], non_blocking=True)
+        if not all_greedy:
+            df = self.dev_buf_f32
+            batch.temperature = df[o_temp:o_temp + num_sample]
+            if use_k:
+                batch.top_k = d[o_topk:o_topk + num_sample]
+            if use_p:
+                batch.top_p = df[o_topp:o_topp + num_sample]
+
+        # ---- logits of the sampling rows only, then sampling ----
+        if sample_idx is None:
+            if decode:
+                hidden = hidden[:num_reqs]
+            else:
+                hidden = hidden.index_select(0, d[o_qsl + 1:o_qsl + num_reqs + 1] - 1)
+        else:
+            hidden = hidden.index_select(0, d[o_lidx:o_lidx + num_sample])
+        weight = self._lm_head_weight
+        logits = torch.nn.functional.linear(hidden, weight) if weight is not None else self.model.compute_logits(hidden)
+        tokens = sample(logits, batch)
+        if is_cuda:
+            ev_end.record()
+
+        # Bookkeeping while the GPU finishes.
+        st = self.stats
+        st.steps += 1
+        st.tokens += num_tokens
+        st.sampled_tokens += num_sample
+        ctx = int(seq_lens.sum())
+        st.context_tokens += ctx
+        if st.record_steps:
+            st.step_context_tokens.append(ctx)
+        if num_reqs > st.max_batch:
+            st.max_batch = num_reqs
+
+        token_list = tokens.tolist()  # the step's one device sync
+        if is_cuda:
+            duration = ev_start.elapsed_time(ev_end) / 1e3
+        else:
+            duration = time.perf_counter() - t_start
+        if sample_idx is None:
+            sampled = [[t] for t in token_list]
+        else:
+            sampled = [[] for _ in range(num_reqs)]
+            for i, t in zip(sample_idx.tolist(), token_list):
+                sampled[i] = [t]
+        st.prepare_seconds += t_prep - t_start
+        st.execute_seconds += duration
+        breakdown = None
+        if is_cuda:
+            prep = ev_start.elapsed_time(ev_prep) / 1e3
+            breakdown = {"prepare": prep, "device": duration - prep}
+        return StepResult(sampled, duration, breakdown)
+
+    # --- swap -------------------------------------------------------------------------
+    def _swap(self, out: SchedulerOutput) -> None:
+        """Copy blocks between the device pool and the host pool (before the forward:
+        swapped-out blocks may be reused by this very step)."""
+        if self.host_pool is None:
+            raise RuntimeError("the scheduler asked for a swap but the runner has no host KV pool "
+                               "(num_cpu_blocks=0)")
+        pool, host = self.kv_pool, self.host_pool
+        if out.blocks_to_swap_out:
+            dev_ids = torch.tensor([g for g, _ in out.blocks_to_swap_out], dtype=torch.int64, device=self.device)
+            host_ids = torch.tensor([c for _, c in out.blocks_to_swap_out], dtype=torch.int64)
+            host[:, :, host_ids] = pool[:, :, dev_ids].to("cpu")
+        if out.blocks_to_swap_in:
+            dev_ids = torch.tensor([g for g, _ in out.blocks_to_swap_in], dtype=torch.int64, device=self.device)
+            host_ids = torch.tensor([c for _, c in out.blocks_to_swap_in], dtype=torch.int64)
+            pool[:, :, dev_ids] = host[:, :, host_ids].to(self.device)
+        self.stats.swap_blocks += len(out.blocks_to_swap_out) + len(out.blocks_to_swap_in)
+
+    def reset(self) -> None:
+        """Forget every request (rows, generators); the KV pool's contents stay."""
+        for rid in list(self.row_of):
+            self._release(rid, finished=True)
+        self.generators.clear()
+
+
+def kv_cache_summary(runner: ModelRunner) -> dict[str, Any]:
+    """Sizes for logs and benchmark JSON."""
+    return {
+        "num_gpu_blocks": runner.num_gpu_blocks,
+        "num_cpu_blocks": runner.num_cpu_blocks,
+        "block_size": runner.block_size,
+        "kv_cache_gib": runner.num_gpu_blocks * runner.block_bytes / memory.GiB,
+        "kv_tokens": runner.num_gpu_blocks * runner.block_size,
+        "max_concurrency_at_max_len": runner.num_gpu_blocks * runner.block_size / runner.max_model_len,
+        "cuda_graph_sizes": list(runner.graphs.sizes),
+        "graph_capture_seconds": getattr(runner, "graph_capture_seconds", 0.0),
+        "kernel_warmup_seconds": getattr(runner, "warmup_seconds", 0.0),
+        "memory_profile": runner.memory_profile.describe() if runner.memory_profile else None,
+    }
+
