@@ -139,12 +139,15 @@ def run_simulation(cfg: SimulationConfig, workload: Workload, out_dir: str | Pat
     requests, sessions = build_requests(workload)
     sim = Simulation(engines, requests, router=par.router, fast_forward=cfg.fast_forward,
                      closed_loop=sessions, think_time=cfg.think_time_s if workload.closed_loop is None
-                     else workload.closed_loop.think_time_s, on_progress=on_progress)
+                     else workload.closed_loop.think_time_s,
+                     stop_issuing_at=workload.duration_s if workload.is_closed_loop else None,
+                     on_progress=on_progress)
     result = sim.run()
     metrics = summarize(result.requests, result.steps, slo=cfg.slo)
     metrics["num_gpu_blocks"] = blocks
     metrics["num_cpu_blocks"] = cpu_blocks
     metrics["num_events"] = result.num_events
+    metrics["num_not_issued"] = sim.num_not_issued
     metrics["simulated_seconds"] = result.duration
     wall = time.perf_counter() - t0
     if out_dir is not None:

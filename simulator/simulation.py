@@ -150,12 +150,14 @@ class Simulation:
 
     ``requests``: open-loop requests with arrival times. ``closed_loop``: per-user request
     sequences (user u's request i+1 arrives ``think_time`` after its request i finished;
-    each user's first request arrives at its own arrival_time).
+    each user's first request arrives at its own arrival_time; nothing is issued at or
+    after ``stop_issuing_at``, the closed loop's duration cut-off).
     """
 
     def __init__(self, engines: Sequence[EngineCore], requests: Sequence[Request] = (),
                  router: str = "round_robin", fast_forward: bool = True,
                  closed_loop: Sequence[Sequence[Request]] = (), think_time: float = 0.0,
+                 stop_issuing_at: float | None = None,
                  on_progress: Callable[[int], None] | None = None) -> None:
         if not engines:
             raise ValueError("Simulation needs at least one engine replica")
@@ -167,6 +169,8 @@ class Simulation:
         self.replicas = [Replica(self, i, e, e.backend) for i, e in enumerate(engines)]
         self.router = make_router(router, len(engines))
         self.think_time = think_time
+        self.stop_issuing_at = stop_issuing_at  # closed loop: users issue nothing at or after this time
+        self.num_not_issued = 0
         self.on_progress = on_progress
         self._arrivals: list[tuple[float, int, Request]] = []
         self._seq = 0
@@ -230,8 +234,16 @@ class Simulation:
         self._done += len(finished)
         for req in finished:
             nxt = self._next_in_session.pop(req.request_id, None)
-            if nxt is not None:
-                self._push(nxt, req.finish_time + self.think_time)
+            if nxt is None:
+                continue
+            t = req.finish_time + self.think_time
+            if self.stop_issuing_at is not None and t >= self.stop_issuing_at:
+                while nxt is not None:  # the user's remaining requests are never issued
+                    self._total -= 1
+                    self.num_not_issued += 1
+                    nxt = self._next_in_session.pop(nxt.request_id, None)
+                continue
+            self._push(nxt, t)
         if self.on_progress is not None:
             self.on_progress(len(finished))
 

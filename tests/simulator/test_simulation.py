@@ -130,3 +130,13 @@ def test_model_that_does_not_fit_is_a_clear_error():
 def test_tp_must_divide_heads():
     with pytest.raises(ValueError, match="tensor parallel size 3 does not divide"):
         _run(dataclasses.replace(SHAREGPT, num_requests=5), parallel=ParallelSpec(tp=3))
+
+
+def test_closed_loop_duration_cutoff_stops_issuing():
+    wl = WorkloadConfig(kind="synthetic", arrival="closed_loop", num_users=4, think_time_s=1.0,
+                        num_requests=400, duration_s=20.0, lengths="fixed", input_len=128, output_len=64, seed=0)
+    out = _run(wl)
+    issued = out.metrics["completed"]
+    assert 0 < issued < 400
+    assert out.metrics["num_not_issued"] == 400 - issued
+    assert max(r.arrival_time for r in out.result.requests) < 20.0
