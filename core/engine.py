@@ -69,6 +69,10 @@ class EngineCore:
         sched = self.scheduler
         out = sched.schedule()
         if out.is_empty:
+            if sched.has_unfinished():
+                # add_request admits only requests an empty engine can run, so this is a bug, not load.
+                raise RuntimeError(f"replica {self.replica_id}: {len(sched.waiting)} waiting and "
+                                   f"{len(sched.running)} running requests, but nothing could be scheduled")
             return EngineStepOutput(scheduler_output=out)
         for rid in out.new_req_ids:
             req = sched.requests[rid]

@@ -220,19 +220,11 @@ class LLM:
             from tqdm.auto import tqdm
 
             pbar = tqdm(total=len(requests), desc="Generating", unit="req", dynamic_ncols=True)
-        idle = 0
         out_tokens = 0
         t_start = time.perf_counter()
         try:
             while engine.has_unfinished():
                 step = engine.step(self.clock())
-                if step.scheduler_output is None or step.scheduler_output.is_empty:
-                    idle += 1
-                    if idle > 1000:
-                        raise RuntimeError("the engine scheduled nothing for 1000 steps while requests wait; "
-                                           "the KV cache is probably too small for them")
-                    continue
-                idle = 0
                 if pbar is not None:
                     out_tokens += sum(len(t) for t in step.result.sampled_token_ids)
                     if step.finished:

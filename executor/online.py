@@ -55,7 +55,6 @@ def run_online(engine: EngineCore, requests: Iterable[Request], *,
     i = 0
     n = len(pending)
     num_steps = 0
-    idle = 0
     end = 0.0
     while i < n or engine.has_unfinished():
         now = clock() - t0
@@ -81,13 +80,6 @@ def run_online(engine: EngineCore, requests: Iterable[Request], *,
                     sleep(wait)
             continue
         out = engine.step(now)
-        if out.scheduler_output is None or out.scheduler_output.is_empty:
-            idle += 1
-            if idle > 1000:
-                raise RuntimeError("the engine scheduled nothing for 1000 steps while requests wait; "
-                                   "the KV cache is probably too small for them")
-            continue
-        idle = 0
         num_steps += 1
         end = now + out.duration
         if on_step is not None:

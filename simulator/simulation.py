@@ -137,9 +137,6 @@ class Replica:
                         yield env.timeout(self._busy_until - env.now)
                 continue
             out = eng.step(env.now)
-            if out.scheduler_output is not None and out.scheduler_output.is_empty:
-                raise RuntimeError(f"replica {self.index}: {eng.num_waiting} waiting requests but nothing "
-                                   "could be scheduled; the configuration can never run them")
             self.sim.num_events += 1
             self.sim._on_finished(out.finished)
             yield env.timeout(out.duration)
