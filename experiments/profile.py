@@ -1,0 +1,701 @@
+# ruff: noqa: B023  (closures timed immediately, inside their loop iteration)
+"""Profile the executor's ops on this machine and write a ``servelab-profile-v1`` JSON.
+
+    python -m experiments.profile --model-dir DIR --out experiments/profiles/NAME.json
+
+What is timed (GPU: CUDA events around CUDA-graph replays of the op for all layers, so
+the numbers are pure device time without launch gaps; warm-ups first, median of repeats):
+
+* per-token ops vs the step's new tokens: ``qkv_proj``, ``o_proj``, ``mlp`` (gate/up GEMM,
+  SwiGLU, down GEMM) and ``norm_rotary`` (fused add+RMSNorm x2, q/k-norm, rotary, KV store,
+  plus the embedding gather and the final norm), each over all layers;
+* ``lm_head`` and ``sampling`` (the runner's fused temperature sampler) vs sampled rows;
+* attention with ``executor.kernels.paged_attention`` on the runner's real paged KV pool:
+  decode vs (batch, context) exactly as the decode CUDA graphs launch it (split-K chosen
+  for ``max_model_len``), prefill vs (chunk, context) as an eager step launches it;
+* real ``EngineCore`` steps on the ``RealBackend``: pure-decode steps (CUDA graphs) and
+  fresh-prefill steps (eager). Their wall time (start of one step to the start of the
+  next: scheduling, input preparation, launch, sampling, the engine's update) minus the
+  device time the tables above predict is the per-step CPU overhead: ``graph_s`` plus a
+  per-decode-request part (folded into ``attn_decode``'s per-request slope, because a
+  larger batch costs the scheduler and the input preparation more), and ``eager_s``.
+
+An eager step of a small model is bound by the CPU launching its few hundred kernels, not
+by the GPU, so its wall time is ``max(launch, device) + overhead``. The v1 format is a
+sum; to stay exact where it matters, ``eager_s`` is the residual of small eager steps and
+the per-token tables *above* ``graph_max_batch`` (only eager steps read them) absorb the
+measured difference (negative when the device time hides the launch work). Those points
+are marked in ``meta.effective_from_tokens``; the raw device timings are kept in
+``raw_device``. This module imports neither simpy nor hydra (the GPU machine has neither).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PROFILE_FORMAT = "servelab-profile-v1"
+
+FULL_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192]
+QUICK_TOKENS = [1, 4, 16, 64, 256, 512]
+FULL_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+QUICK_ROWS = [1, 4, 16]
+FULL_DECODE = [(b, c) for b in (1, 4, 16, 32, 64, 128, 256) for c in (128, 512, 1024, 2048, 4096, 8192, 16384)
+               if b * c <= 1 << 20]
+QUICK_DECODE = [(b, c) for b in (1, 4) for c in (32, 128)]
+FULL_PREFILL = [(n, n + c) for n in (16, 64, 256, 512, 1024, 2048, 4096, 8192) for c in (0, 1024, 4096)]
+QUICK_PREFILL = [(n, n + c) for n in (8, 32, 128) for c in (0, 64)]
+# Real engine steps for the overhead fit.
+FULL_DECODE_BATCHES = [1, 4, 16, 32, 64, 128, 256]
+QUICK_DECODE_BATCHES = [1, 4]
+FULL_PREFILL_STEPS = [32, 128, 240, 512, 1024, 2048, 4096]
+QUICK_PREFILL_STEPS = [16, 64]
+MIXED_DECODES = 16  # decodes running beside each measured prefill
+
+
+# --- timing -------------------------------------------------------------------------------
+class Timer:
+    """Median seconds of ``fn``: CUDA-graph replays timed by CUDA events on a GPU (eager
+    launches with events if capture fails), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device, repeats: int = 7, warmup: int = 2) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.repeats = repeats
+        self.warmup = warmup
+        self.graph_failures = 0
+
+    def __call__(self, fn: Callable[[], Any], graph: bool = True) -> float:
+        if not self.cuda:
+            for _ in range(max(1, self.warmup // 2)):
+                fn()
+            times = []
+            for _ in range(max(2, self.repeats // 2)):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize(self.device)
+        run = fn
+        g = None
+        if graph:
+            try:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+                g.replay()  # one untimed replay
+                run = g.replay
+            except Exception:  # noqa: BLE001 - fall back to eager event timing
+                self.graph_failures += 1
+                g = None
+                torch.cuda.synchronize(self.device)
+                run = fn
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
+        for s, e in zip(starts, ends):
+            s.record()
+            run()
+            e.record()
+        torch.cuda.synchronize(self.device)
+        t = statistics.median(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
+        del g
+        return t
+
+
+# --- op timings ---------------------------------------------------------------------------
+class OpProfiler:
+    def __init__(self, backend: Any, quick: bool, log: Callable[[str], None]) -> None:
+        from executor import memory
+
+        self.backend = backend
+        self.runner = backend.runner
+        self.model = self.runner.model
+        self.cfg = self.runner.config
+        self.device = self.runner.device
+        self.dtype = self.cfg.dtype
+        self.layers = list(self.model.model.layers)
+        self.caches = memory.layer_views(self.runner.kv_pool)
+        self.bs = self.runner.block_size
+        self.num_blocks = self.runner.num_gpu_blocks
+        self.timer = Timer(self.device, repeats=5 if quick else 9)
+        self.quick = quick
+        self.log = log
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(self.device, self.dtype)
+
+    def _clamp_tokens(self, grid: list[int]) -> list[int]:
+        limit = self.runner.max_num_batched_tokens
+        return [t for t in grid if t <= limit]
+
+    def per_token_ops(self, tokens: list[int]) -> dict[str, list[float]]:
+        cfg, layers = self.cfg, self.layers
+        out: dict[str, list[float]] = {"qkv_proj": [], "o_proj": [], "mlp": [], "norm_rotary": []}
+        hk, d = cfg.num_key_value_heads, cfg.head_dim
+        max_slots = self.num_blocks * self.bs
+        for t in tokens:
+            x = self._randn(t, cfg.hidden_size)
+            res = self._randn(t, cfg.hidden_size)
+            a = self._randn(t, cfg.q_size)
+            out["qkv_proj"].append(self.timer(lambda: [l.self_attn.qkv_proj(x) for l in layers]))
+            out["o_proj"].append(self.timer(lambda: [l.self_attn.o_proj(a) for l in layers]))
+            out["mlp"].append(self.timer(lambda: [l.mlp(x) for l in layers]))
+            q = self._randn(t, cfg.num_attention_heads, d)
+            k = self._randn(t, hk, d)
+            v = self._randn(t, hk, d)
+            positions = torch.arange(t, device=self.device) % cfg.max_position_embeddings
+            slots = (torch.arange(t, device=self.device, dtype=torch.int64) % max_slots)
+            ids = torch.randint(0, cfg.vocab_size, (t,), generator=self.gen).to(self.device)
+            model = self.model
+            caches = self.caches
+            from executor.layers import get_kernel_ops
+
+            ops = get_kernel_ops()
+
+            def norm_rotary() -> None:
+                model.model.embed_tokens(ids)
+                for i, l in enumerate(layers):
+                    att = l.self_attn
+                    l.input_layernorm(x, res)
+                    qq, kk = q, k
+                    if att.q_norm is not None:
+                        qq, kk = att.q_norm(q), att.k_norm(k)
+                    att.rotary_emb(positions, qq, kk)
+                    ops.store_kv(k, v, caches[i][0], caches[i][1], slots)
+                    l.post_attention_layernorm(x, res)
+                model.model.norm(x, res)
+
+            out["norm_rotary"].append(self.timer(norm_rotary))
+            self.log(f"  tokens {t:5d}: qkv {out['qkv_proj'][-1] * 1e6:8.1f} us  o {out['o_proj'][-1] * 1e6:8.1f} us  "
+                     f"mlp {out['mlp'][-1] * 1e6:8.1f} us  norm/rot {out['norm_rotary'][-1] * 1e6:8.1f} us")
+        return out
+
+    def lm_head_and_sampling(self, rows: list[int]) -> tuple[list[float], list[float]]:
+        from executor.sampler import SamplingBatch, sample
+
+        w = self.runner._lm_head_weight
+        lm, smp = [], []
+        for r in rows:
+            h = self._randn(r, self.cfg.hidden_size)
+            if w is not None:
+                lm.append(self.timer(lambda: torch.nn.functional.linear(h, w)))
+                logits = torch.nn.functional.linear(h, w)
+            else:
+                lm.append(self.timer(lambda: self.model.compute_logits(h)))
+                logits = self.model.compute_logits(h)
+            temps = torch.ones(r, device=self.device, dtype=torch.float32)
+            batch = SamplingBatch(all_greedy=False, any_greedy=False, temperature=temps, seed=1234)
+            smp.append(self.timer(lambda: sample(logits, batch)))
+        self.log(f"  lm_head {[round(x * 1e6, 1) for x in lm]} us; sampling {[round(x * 1e6, 1) for x in smp]} us")
+        return lm, smp
+
+    def _tables(self, lens: list[int]) -> torch.Tensor:
+        """Block tables of requests with these context lengths over distinct pool blocks
+        (a random permutation, so reads are scattered as in a long-running server)."""
+        bs = self.bs
+        need = [-(-n // bs) for n in lens]
+        width = max(need)
+        width = -(-width // 16) * 16
+        perm = torch.randperm(self.num_blocks, generator=self.gen)
+        total = sum(need)
+        if total > self.num_blocks:  # reuse blocks (only when the pool is smaller than asked)
+            perm = perm.repeat(-(-total // self.num_blocks))
+        bt = torch.zeros(len(lens), width, dtype=torch.int32)
+        o = 0
+        for i, n in enumerate(need):
+            bt[i, :n] = perm[o:o + n].to(torch.int32)
+            o += n
+        return bt.to(self.device)
+
+    def attn_decode(self, points: list[tuple[int, int]]) -> dict[str, list[float]]:
+        from executor.kernels import choose_num_splits, paged_attention
+
+        cfg = self.cfg
+        max_len = self.runner.max_model_len
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.timer.cuda else 1
+        res: dict[str, list[float]] = {"batch": [], "total_context": [], "seconds": []}
+        scale = cfg.head_dim ** -0.5
+        for b, c in points:
+            if c > max_len:
+                continue
+            q = self._randn(b, cfg.num_attention_heads, cfg.head_dim)
+            qsl = torch.arange(b + 1, dtype=torch.int32, device=self.device)
+            seq = torch.full((b,), c, dtype=torch.int32, device=self.device)
+            bt = self._tables([c] * b)
+            if self.runner.use_graphs:
+                # exactly what a captured decode graph launches
+                padded = self.runner.graphs.padded_size(b) or b
+                splits = self.runner.attention_num_splits or choose_num_splits(
+                    padded, cfg.num_key_value_heads, max_len, sms)
+                max_seq = max_len
+            else:
+                splits, max_seq = None, c
+            caches = self.caches
+
+            def fn() -> None:
+                for kc, vc in caches:
+                    paged_attention(q, kc, vc, qsl, seq, bt, scale, max_query_len=1, max_seq_len=max_seq,
+                                    num_splits=splits)
+
+            res["batch"].append(b)
+            res["total_context"].append(b * c)
+            res["seconds"].append(self.timer(fn))
+        self.log(f"  attn_decode: {len(res['seconds'])} points, "
+                 f"{min(res['seconds']) * 1e6:.1f}..{max(res['seconds']) * 1e6:.1f} us")
+        return res
+
+    def attn_prefill(self, points: list[tuple[int, int]]) -> dict[str, list[float]]:
+        from executor.kernels import paged_attention
+
+        cfg = self.cfg
+        res: dict[str, list[float]] = {"chunk_tokens": [], "context_len": [], "seconds": []}
+        scale = cfg.head_dim ** -0.5
+        for n, L in points:
+            if L > self.runner.max_model_len or n > self.runner.max_num_batched_tokens:
+                continue
+            q = self._randn(n, cfg.num_attention_heads, cfg.head_dim)
+            qsl = torch.tensor([0, n], dtype=torch.int32, device=self.device)
+            seq = torch.tensor([L], dtype=torch.int32, device=self.device)
+            bt = self._tables([L])
+            caches = self.caches
+
+            def fn() -> None:
+                for kc, vc in caches:
+                    paged_attention(q, kc, vc, qsl, seq, bt, scale, max_query_len=n, max_seq_len=L)
+
+            res["chunk_tokens"].append(n)
+            res["context_len"].append(L)
+            res["seconds"].append(self.timer(fn))
+        self.log(f"  attn_prefill: {len(res['seconds'])} points, "
+                 f"{min(res['seconds']) * 1e6:.1f}..{max(res['seconds']) * 1e6:.1f} us")
+        return res
+
+
+# --- real engine steps --------------------------------------------------------------------
+def _engine_steps(backend: Any, sched_kwargs: dict[str, Any], prompts: list[int], max_tokens: int,
+                  vocab: int, rng: np.random.Generator, repeats: int = 1) -> list[tuple[Any, float, float]]:
+    """Run requests through a fresh EngineCore; returns (scheduler output, wall seconds to
+    the next step's start, measured step duration) for each non-empty step but the last."""
+    from core.config import SchedulerConfig
+    from core.engine import EngineCore
+    from core.request import Request
+    from core.sampling_params import SamplingParams
+
+    sched = SchedulerConfig(**sched_kwargs)
+    records: list[tuple[Any, float, float]] = []
+    for rep in range(repeats):
+        engine = EngineCore(sched, backend.cache_config, backend, eos_token_id=backend.eos_token_id)
+        backend.bind(engine.scheduler.requests)
+        backend.runner.reset()
+        for i, n in enumerate(prompts):
+            ids = rng.integers(3, vocab, size=n).tolist()
+            engine.add_request(Request(f"p{rep}-{i}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                       arrival_time=0.0))
+        t0 = time.perf_counter()
+        prev: tuple[Any, float, float] | None = None
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            if prev is not None:
+                records.append((prev[0], t - prev[1], prev[2]))
+            out = engine.step(t - t0)
+            so = out.scheduler_output
+            prev = None if so is None or so.is_empty else (so, t, out.duration)
+    return records
+
+
+def _predict_device(profile: dict[str, Any], outputs: list[Any]) -> np.ndarray:
+    """Device-only prediction of the tables (overheads zeroed) for scheduler outputs."""
+    from simulator.cost_model.base import BatchShape
+    from simulator.cost_model.calibrated import CalibratedCostModel
+
+    p = json.loads(json.dumps(profile))
+    p["overhead"] = {"eager_s": 0.0, "graph_s": 0.0, "graph_max_batch": profile["overhead"]["graph_max_batch"]}
+    cm = CalibratedCostModel(p)
+    return np.array([cm.step_time(BatchShape.from_scheduler_output(o)).total for o in outputs])
+
+
+def _is_graph_step(out: Any, graph_max: int) -> bool:
+    n = len(out.req_ids)
+    return n > 0 and out.total_num_scheduled_tokens == n and n <= graph_max
+
+
+def _mixed_steps(backend: Any, base: dict[str, Any], num_decodes: int, prefills: list[int], reps: int,
+                 vocab: int, rng: np.random.Generator) -> list[tuple[Any, float, float]]:
+    """Serving-like eager steps: ``num_decodes`` requests keep decoding while one fresh
+    prompt of T tokens (max_tokens=1) is added before each step, so every recorded step
+    is ``num_decodes`` decodes plus one whole prefill of T."""
+    from core.config import SchedulerConfig
+    from core.engine import EngineCore
+    from core.request import Request
+    from core.sampling_params import SamplingParams
+
+    steps_needed = len(prefills) * reps + 4
+    engine = EngineCore(SchedulerConfig(**base), backend.cache_config, backend, eos_token_id=backend.eos_token_id)
+    backend.bind(engine.scheduler.requests)
+    backend.runner.reset()
+    for i in range(num_decodes):
+        engine.add_request(Request(f"d{i}", rng.integers(3, vocab, size=32).tolist(),
+                                   SamplingParams(max_tokens=steps_needed + 8, ignore_eos=True), arrival_time=0.0))
+    t0 = time.perf_counter()
+    engine.step(0.0)  # the decoders' prefill
+    engine.step(time.perf_counter() - t0)  # one pure decode step (graph)
+    records: list[tuple[Any, float, float]] = []
+    prev: tuple[Any, float, float] | None = None
+    k = 0
+    for t in prefills:
+        for _ in range(reps):
+            engine.add_request(Request(f"m{k}", rng.integers(3, vocab, size=t).tolist(),
+                                       SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0))
+            k += 1
+            now = time.perf_counter()
+            if prev is not None:
+                records.append((prev[0], now - prev[1], prev[2]))
+            out = engine.step(now - t0)
+            so = out.scheduler_output
+            prev = None if so is None or so.is_empty else (so, now, out.duration)
+    now = time.perf_counter()
+    if prev is not None:
+        records.append((prev[0], now - prev[1], prev[2]))
+    while engine.has_unfinished():  # drain (not recorded)
+        for rid in list(engine.scheduler.requests):
+            engine.abort_request(rid, 0.0)
+    return [r for r in records if len(r[0].req_ids) == num_decodes + 1]
+
+
+def measure_engine_steps(backend: Any, quick: bool, log: Callable[[str], None], seed: int = 0,
+                         only_mixed: bool = False) -> dict[str, list[tuple[Any, float, float]]]:
+    """Real engine steps: pure decode (CUDA graphs) at several batch sizes, serving-like
+    mixed eager steps (16 decodes + one fresh prompt of T tokens), and lone fresh
+    prefills (one request a step; kept as a diagnostic only)."""
+    runner = backend.runner
+    graph_max = max(runner.capture_sizes, default=0)
+    vocab = runner.config.vocab_size
+    rng = np.random.default_rng(seed)
+    base = {"max_num_seqs": runner.max_num_seqs, "max_num_batched_tokens": runner.max_num_batched_tokens,
+            "max_model_len": runner.max_model_len}
+    gc.collect()
+    out: dict[str, list[tuple[Any, float, float]]] = {"decode": [], "mixed": [], "lone_prefill": []}
+    num_dec = 2 if quick else MIXED_DECODES
+    limit = min(runner.max_num_batched_tokens - num_dec, runner.max_model_len - 1)
+    grid = [t for t in (QUICK_PREFILL_STEPS if quick else FULL_PREFILL_STEPS) if t <= limit]
+    if limit not in grid and limit > grid[-1]:
+        grid.append(limit)
+    t = time.perf_counter()
+    out["mixed"] = _mixed_steps(backend, base, num_dec, grid, 3 if quick else 8, vocab, rng)
+    log(f"  mixed eager steps: {len(out['mixed'])} ({time.perf_counter() - t:.1f} s)")
+    if only_mixed:
+        return out
+    for b in (QUICK_DECODE_BATCHES if quick else FULL_DECODE_BATCHES):
+        if b > runner.max_num_seqs:
+            continue
+        recs = _engine_steps(backend, base, [32] * b, 8 if quick else 32, vocab, rng)
+        out["decode"] += [r for r in recs if _is_graph_step(r[0], graph_max)]
+    for t in grid:
+        recs = _engine_steps(backend, {**base, "max_num_seqs": 1}, [t] * (3 if quick else 6), 1, vocab, rng)
+        out["lone_prefill"] += [r for r in recs if r[0].total_num_scheduled_tokens == t and len(r[0].req_ids) == 1]
+    log(f"  decode graph steps: {len(out['decode'])}, lone prefill steps: {len(out['lone_prefill'])}")
+    return out
+
+
+def _summary_by(records: list[tuple[Any, float, float]], pred: np.ndarray, key: np.ndarray) -> dict[str, Any]:
+    wall = np.array([r[1] for r in records])
+    dur = np.array([r[2] for r in records])
+    u = np.unique(key)
+    return {"key": u.tolist(),
+            "median_wall_s": [float(np.median(wall[key == k])) for k in u],
+            "median_measured_duration_s": [float(np.median(dur[key == k])) for k in u],
+            "median_predicted_device_s": [float(np.median(pred[key == k])) for k in u],
+            "median_residual_s": [float(np.median((wall - pred)[key == k])) for k in u],
+            "n": [int((key == k).sum()) for k in u]}
+
+
+def fit_overhead(profile: dict[str, Any], records: dict[str, list[tuple[Any, float, float]]],
+                 log: Callable[[str], None]) -> dict[str, Any]:
+    """Per-step CPU overhead from real engine steps (see the module docstring); edits the
+    profile's tables in place and returns the fit's diagnostics."""
+    graph_max = profile["overhead"]["graph_max_batch"]
+    result: dict[str, Any] = {}
+    dec_records = records.get("decode", [])
+    if dec_records:
+        pred = _predict_device(profile, [r[0] for r in dec_records])
+        batch = np.array([len(r[0].req_ids) for r in dec_records], dtype=float)
+        summ = _summary_by(dec_records, pred, batch)
+        bs_u, med = np.array(summ["key"]), np.array(summ["median_residual_s"])
+        if len(bs_u) >= 2:
+            per_req, _ = np.polyfit(bs_u, med, 1)
+            per_req = max(0.0, float(per_req))
+            graph_s = float(np.median(med - per_req * bs_u))
+        else:
+            per_req, graph_s = 0.0, float(med[0])
+        result["decode_by_batch"] = summ
+        profile["overhead"]["graph_s"] = graph_s
+        profile["overhead"]["cpu_per_decode_request_s"] = per_req
+        # Fold the per-request CPU cost into the decode-attention slope (linear in batch).
+        dec = profile["attn_decode"]
+        dec["seconds"] = [s + per_req * b for s, b in zip(dec["seconds"], dec["batch"])]
+        log(f"  graph decode: graph_s {graph_s * 1e6:.1f} us + {per_req * 1e6:.2f} us per decode request")
+    if records.get("lone_prefill"):
+        recs = records["lone_prefill"]
+        pred = _predict_device(profile, [r[0] for r in recs])
+        toks = np.array([r[0].total_num_scheduled_tokens for r in recs], dtype=float)
+        result["lone_prefill_by_tokens"] = _summary_by(recs, pred, toks)
+    mixed = records.get("mixed", [])
+    if mixed:
+        pred = _predict_device(profile, [r[0] for r in mixed])
+        toks = np.array([r[0].total_num_scheduled_tokens for r in mixed], dtype=float)
+        summ = _summary_by(mixed, pred, toks)
+        eager_s, adjusted = fit_eager(profile, summ["key"], summ["median_residual_s"])
+        summ["adjusted"] = adjusted
+        result["mixed_by_tokens"] = summ
+        log(f"  mixed eager steps: eager_s {eager_s * 1e6:.1f} us; table adjustments above {graph_max} tokens: "
+            f"{[(t, round(d * 1e6)) for t, d in adjusted]} us")
+    return result
+
+
+def fit_eager(profile: dict[str, Any], tokens: list[float], residuals: list[float]) -> tuple[float, list[Any]]:
+    """``eager_s`` = median residual (wall - predicted device time) of the measured eager
+    steps of at most ``graph_max_batch`` tokens; above that, each measured token count's
+    residual minus ``eager_s`` is added to the per-token tables (see ``_adjust_tokens``)."""
+    graph_max = profile["overhead"]["graph_max_batch"]
+    t_u, med = np.asarray(tokens, dtype=float), np.asarray(residuals, dtype=float)
+    small = t_u <= graph_max
+    eager_s = float(np.median(med[small])) if small.any() else float(med[0])
+    profile["overhead"]["eager_s"] = eager_s
+    tok = profile["per_token_ops"]
+    adjusted = []
+    for t, m in zip(t_u.tolist(), med.tolist()):
+        if t <= graph_max:
+            continue
+        _adjust_tokens(tok, int(t), m - eager_s)
+        adjusted.append((int(t), m - eager_s))
+    if adjusted:  # grid points above graph_max_batch that no step measured: nearest delta
+        done = {a for a, _ in adjusted}
+        for t in list(tok["num_tokens"]):
+            if t > graph_max and t not in done:
+                nearest = min(adjusted, key=lambda a: abs(math.log(a[0]) - math.log(t)))
+                _adjust_tokens(tok, int(t), nearest[1])
+    profile["meta"]["effective_from_tokens"] = graph_max + 1
+    return eager_s, adjusted
+
+
+def refit_eager_from_meta(profile: dict[str, Any]) -> dict[str, Any]:
+    """Redo the eager fit of a profile written by an earlier version of this module, whose
+    fit used the first (cold) pass of the mixed steps, from the warm second pass it also
+    recorded (``meta.mixed_after_op_timings``): per-token tables restored from
+    ``raw_device``, device predictions per token count from the first pass (the same step
+    shapes, predicted with the raw tables), wall times from the warm pass."""
+    meta = profile["meta"]
+    first, warm = meta["overhead_fit"]["mixed_by_tokens"], meta["mixed_after_op_timings"]
+    if first["key"] != warm["key"]:
+        raise ValueError("the two mixed passes measured different token counts")
+    profile["per_token_ops"] = json.loads(json.dumps(profile["raw_device"]["per_token_ops"]))
+    residuals = [w - p for w, p in zip(warm["median_wall_s"], first["median_predicted_device_s"])]
+    _, adjusted = fit_eager(profile, first["key"], residuals)
+    meta["eager_fit"] = {"source": "mixed_after_op_timings (warm pass)", "residual_s": residuals,
+                         "adjusted": adjusted, "refit": True}
+    return profile
+
+
+def weighted_decode_plane(dec: dict[str, list[float]]) -> tuple[list[float], tuple[float, float, float]]:
+    """Relative-error (1/s^2-weighted) least-squares plane ``a + b*batch + c*context`` of the
+    decode timings, evaluated back at the measured points. The v1 model refits a plain
+    least-squares plane to whatever points it gets, which the few largest points (256 x 4k)
+    dominate, so a batch of 1 came out 3x too slow; on the plane's own points the refit
+    reproduces this weighted plane exactly."""
+    b = np.asarray(dec["batch"], dtype=float)
+    c = np.asarray(dec["total_context"], dtype=float)
+    s = np.asarray(dec["seconds"], dtype=float)
+    x = np.column_stack([np.ones_like(b), b, c])
+    w = 1.0 / np.maximum(s, 1e-9)
+    coef, *_ = np.linalg.lstsq(x * w[:, None], s * w, rcond=None)
+    return (x @ coef).tolist(), (float(coef[0]), float(coef[1]), float(coef[2]))
+
+
+def _adjust_tokens(tok: dict[str, list[float]], t: int, delta: float) -> None:
+    """Add ``delta`` seconds to the per-token ops at grid point ``t`` (inserted if absent):
+    a positive delta goes to ``norm_rotary``; a negative one is taken from every op in
+    proportion to its size, never below zero."""
+    grid = tok["num_tokens"]
+    ops = [k for k in tok if k != "num_tokens"]
+    if t not in grid:
+        i = int(np.searchsorted(grid, t))
+        for k in ops:
+            tok[k].insert(i, float(np.interp(t, grid, tok[k])))
+        grid.insert(i, t)
+    i = grid.index(t)
+    if delta >= 0:
+        tok["norm_rotary"][i] += delta
+        return
+    total = sum(tok[k][i] for k in ops)
+    if total <= 0:
+        return
+    f = max(0.0, (total + delta) / total)
+    for k in ops:
+        tok[k][i] *= f
+
+
+# --- main -----------------------------------------------------------------------------------
+def build_profile(model_dir: str, *, model_name: str | None = None, hardware_name: str | None = None,
+                  device: str | None = None, quick: bool = False, max_model_len: int = 16384,
+                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, num_gpu_blocks: int | None = None,
+                  log: Callable[[str], None] = print, warm_pass: bool | None = None,
+                  **runner_options: Any) -> dict[str, Any]:
+    from core.config import SchedulerConfig
+    from executor.backend import RealBackend, resolve_device
+    from executor.layers import set_kernel_ops
+    from executor.loader import load_model
+
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    loaded = load_model(model_dir, device=dev)
+    cfg = loaded.config
+    max_model_len = min(max_model_len, cfg.max_position_embeddings)
+    max_num_batched_tokens = min(max_num_batched_tokens, max(max_model_len, 16))
+    if num_gpu_blocks is None:
+        # enough for the largest decode point (256 x 1024) and prefill (one max-length request)
+        num_gpu_blocks = max(2 * -(-max_model_len // 16), (256 * 1024) // 16 if not quick else 256)
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            max_model_len=max_model_len)
+    backend = RealBackend.from_pretrained(loaded, scheduler_config=sched, num_gpu_blocks=num_gpu_blocks,
+                                          **runner_options)
+    runner = backend.runner
+    log(f"model loaded, {runner.num_gpu_blocks} KV blocks, graphs {runner.capture_sizes[:3]}..{runner.capture_sizes[-3:] if runner.capture_sizes else []} "
+        f"({time.perf_counter() - t_start:.1f} s)")
+    log("real engine steps (before the op timings, in a fresh process state)")
+    engine_records = measure_engine_steps(backend, quick, log)
+    prof = OpProfiler(backend, quick, log)
+    tokens = prof._clamp_tokens(QUICK_TOKENS if quick else FULL_TOKENS)
+    rows = [r for r in (QUICK_ROWS if quick else FULL_ROWS) if r <= max(max_num_seqs, 1)]
+    previous = set_kernel_ops(runner.ops)
+    try:
+        with torch.inference_mode():
+            log("per-token ops")
+            tok = prof.per_token_ops(tokens)
+            log("lm_head / sampling")
+            lm, smp = prof.lm_head_and_sampling(rows)
+            log("attention")
+            dec = prof.attn_decode(QUICK_DECODE if quick else FULL_DECODE)
+            pre = prof.attn_prefill(QUICK_PREFILL if quick else FULL_PREFILL)
+    finally:
+        set_kernel_ops(previous)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        dev_name = torch.cuda.get_device_name(dev)
+    else:
+        dev_name = f"cpu ({platform.processor() or platform.machine()})"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = None
+    graph_max = max(runner.capture_sizes, default=0)
+    profile: dict[str, Any] = {
+        "format": PROFILE_FORMAT,
+        "model": model_name or Path(model_dir).name,
+        "hardware": hardware_name or _hardware_name(dev_name),
+        "tp": 1, "pp": 1,
+        "per_token_ops": {"num_tokens": tokens, **{k: v for k, v in tok.items()}},
+        "lm_head": {"num_rows": rows, "seconds": lm},
+        "sampling": {"num_rows": rows, "seconds": smp},
+        "attn_decode": dec,
+        "attn_prefill": pre,
+        "overhead": {"eager_s": 0.0, "graph_s": 0.0, "graph_max_batch": graph_max},
+        "meta": {
+            "device": dev_name, "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "model_dir": str(model_dir), "dtype": str(cfg.dtype).removeprefix("torch."),
+            "block_size": runner.block_size, "max_model_len": runner.max_model_len,
+            "max_num_seqs": runner.max_num_seqs, "max_num_batched_tokens": runner.max_num_batched_tokens,
+            "cuda_graph_sizes": list(runner.capture_sizes), "quick": quick,
+            "timing": ("CUDA events around CUDA-graph replays of each op over all layers, median"
+                       if dev.type == "cuda" else "perf_counter, median (CPU)"),
+            "graph_capture_failures": prof.timer.graph_failures,
+        },
+    }
+    profile["raw_device"] = {"per_token_ops": json.loads(json.dumps(profile["per_token_ops"])),
+                             "attn_decode_seconds": list(dec["seconds"])}
+    dec["seconds"], plane = weighted_decode_plane(dec)
+    profile["meta"]["attn_decode_plane"] = {"a_s": plane[0], "b_s_per_req": plane[1], "c_s_per_token": plane[2],
+                                            "note": "attn_decode.seconds = this relative-error-weighted plane "
+                                                    "(+ cpu_per_decode_request_s * batch); raw in raw_device"}
+    if warm_pass is None:
+        warm_pass = dev.type == "cuda" and not quick
+    if warm_pass:
+        # The first mixed pass ran in a cold process (its first eager steps were up to 2x
+        # slower); the eager fit uses this second, warm pass; the first stays as a diagnostic.
+        log("mixed eager steps again (warm)")
+        warm = measure_engine_steps(backend, quick, log, seed=1, only_mixed=True)["mixed"]
+        engine_records["mixed_cold"] = engine_records["mixed"]
+        engine_records["mixed"] = warm
+    log("overhead fit")
+    profile["meta"]["overhead_fit"] = fit_overhead(profile, engine_records, log)
+    if engine_records.get("mixed_cold"):
+        cold = engine_records["mixed_cold"]
+        pred = _predict_device(profile, [r[0] for r in cold])
+        toks = np.array([r[0].total_num_scheduled_tokens for r in cold], dtype=float)
+        profile["meta"]["mixed_cold_pass"] = _summary_by(cold, pred, toks)
+    profile["meta"]["eager_fit"] = {"source": "mixed eager steps, warm pass" if warm_pass else "mixed eager steps"}
+    profile["meta"]["profile_seconds"] = round(time.perf_counter() - t_start, 1)
+    log(f"profile done in {profile['meta']['profile_seconds']} s")
+    return profile
+
+
+def _hardware_name(dev_name: str) -> str:
+    low = dev_name.lower()
+    for key, name in (("h200", "H200"), ("h100", "H100"), ("a100", "A100"), ("l40", "L40S")):
+        if key in low:
+            return f"{name}-measured"
+    return dev_name
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--refit-eager", default=None, metavar="PROFILE",
+                    help="recompute the eager fit of an older profile from its stored warm pass, write --out")
+    ap.add_argument("--out", required=True, help="profile JSON to write")
+    ap.add_argument("--model-name", default=None, help="catalog name the simulator knows (default: dir name)")
+    ap.add_argument("--hardware-name", default=None)
+    ap.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    ap.add_argument("--quick", action="store_true", help="a few points only (CPU dry runs, tests)")
+    ap.add_argument("--max-model-len", type=int, default=16384)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--num-gpu-blocks", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.refit_eager:
+        profile = refit_eager_from_meta(json.loads(Path(args.refit_eager).read_text()))
+        Path(args.out).write_text(json.dumps(profile, indent=1, default=float) + "\n")
+        print(f"refit eager_s = {profile['overhead']['eager_s'] * 1e3:.2f} ms -> {args.out}")
+        return
+    if not args.model_dir:
+        ap.error("--model-dir is required")
+    profile = build_profile(args.model_dir, model_name=args.model_name, hardware_name=args.hardware_name,
+                            device=args.device, quick=args.quick, max_model_len=args.max_model_len,
+                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            num_gpu_blocks=args.num_gpu_blocks, log=lambda s: print(s, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile, indent=1, default=float) + "\n")
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB)")
+
+
+if __name__ == "__main__":
+    main()
