@@ -29,7 +29,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import itertools
 import json
 import math
 import sys
@@ -95,29 +94,11 @@ def metric_keys() -> list[str]:
 
 # --- requests without simpy -----------------------------------------------------------------
 def build_requests_open_loop(workload: Any) -> list[Any]:
-    """``simulator.runner.build_requests`` for open-loop workloads, without importing simpy
-    (multi-turn forced outputs included, although the executor ignores them)."""
-    from core.workloads.workload import WorkloadRequest
-
+    """The case's requests, built by core alone: ``simulator.runner`` imports simpy, which the
+    GPU machine lacks."""
     if workload.is_closed_loop:
         raise ValueError("validation cases are open loop")
-    by_conv: dict[int, list[WorkloadRequest]] = {}
-    for r in workload.requests:
-        if r.turn > 0 or r.conversation_id in by_conv:
-            by_conv.setdefault(r.conversation_id, []).append(r)
-    forced: dict[str, list[int]] = {}
-    for turns in by_conv.values():
-        turns.sort(key=lambda r: r.turn)
-        for a, b in itertools.pairwise(turns):
-            pa, pb = a.prompt_token_ids, b.prompt_token_ids
-            if pb[:len(pa)] == pa:
-                forced[a.request_id] = pb[len(pa):len(pa) + a.max_tokens]
-    out = []
-    for wr in workload.requests:
-        req = wr.to_request(wr.arrival_time)
-        req.forced_output_token_ids = forced.get(wr.request_id)
-        out.append(req)
-    return out
+    return workload.core_requests()[0]
 
 
 def resolve_case(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from core.engine import EngineCore
 from core.metrics import summarize
 from core.request import Request
 from core.results import write_results
-from core.workloads.workload import Workload, WorkloadRequest
+from core.workloads.workload import Workload
 from simulator.cost_model import make_cost_model
 from simulator.hardware import get_hardware
 from simulator.memory import kv_block_bytes, num_kv_blocks
@@ -82,37 +82,9 @@ def _model(spec: str | ModelSpec) -> ModelSpec:
     return get_model(str(spec))
 
 
-def _forced_outputs(workload: Workload) -> dict[str, list[int]]:
-    """Output ids each multi-turn request must produce so that its next turn's prompt,
-    which the workload built as prompt + output + new user tokens, hits the prefix cache."""
-    by_conv: dict[int, list[WorkloadRequest]] = {}
-    for r in workload.requests:
-        if r.turn > 0 or r.conversation_id in by_conv:
-            by_conv.setdefault(r.conversation_id, []).append(r)
-    forced: dict[str, list[int]] = {}
-    for turns in by_conv.values():
-        if len(turns) < 2:
-            continue
-        turns.sort(key=lambda r: r.turn)
-        for a, b in zip(turns, turns[1:]):
-            pa, pb = a.prompt_token_ids, b.prompt_token_ids
-            if pb[:len(pa)] == pa:
-                forced[a.request_id] = pb[len(pa):len(pa) + a.max_tokens]
-    return forced
-
-
 def build_requests(workload: Workload) -> tuple[list[Request], list[list[Request]]]:
-    """Open-loop requests, or closed-loop per-user sequences (first arrival at 0)."""
-    forced = _forced_outputs(workload)
-
-    def make(wr: WorkloadRequest, t: float) -> Request:
-        req = wr.to_request(t)
-        req.forced_output_token_ids = forced.get(wr.request_id)
-        return req
-
-    if workload.is_closed_loop:
-        return [], [[make(wr, 0.0) for wr in queue] for queue in workload.user_queues()]
-    return [make(wr, wr.arrival_time) for wr in workload.requests], []
+    """Open-loop requests, or closed-loop per-user sequences (see ``Workload.core_requests``)."""
+    return workload.core_requests()
 
 
 def run_simulation(cfg: SimulationConfig, workload: Workload, out_dir: str | Path | None = None,

@@ -101,6 +101,38 @@ class Workload:
             queues[req.client_id].append(req)
         return queues
 
+    def forced_outputs(self) -> dict[str, list[int]]:
+        """Output ids each multi-turn request must produce so that its next turn's prompt,
+        built as prompt + output + new user tokens, hits the prefix cache (a simulator emits
+        them; a real engine samples its own and only the shared history is reused)."""
+        by_conv: dict[int, list[WorkloadRequest]] = {}
+        for r in self.requests:
+            if r.turn > 0 or r.conversation_id in by_conv:
+                by_conv.setdefault(r.conversation_id, []).append(r)
+        forced: dict[str, list[int]] = {}
+        for turns in by_conv.values():
+            turns.sort(key=lambda r: r.turn)
+            for a, b in zip(turns, turns[1:]):
+                pa, pb = a.prompt_token_ids, b.prompt_token_ids
+                if pb[:len(pa)] == pa:
+                    forced[a.request_id] = pb[len(pa):len(pa) + a.max_tokens]
+        return forced
+
+    def core_requests(self) -> tuple[list[Request], list[list[Request]]]:
+        """``Request`` objects for a driver: open-loop requests at their arrival times, or
+        closed-loop per-user sequences (each first arrival at 0; a driver re-times the rest),
+        with ``forced_output_token_ids`` set for multi-turn conversations."""
+        forced = self.forced_outputs()
+
+        def make(wr: WorkloadRequest, t: float) -> Request:
+            req = wr.to_request(t)
+            req.forced_output_token_ids = forced.get(wr.request_id)
+            return req
+
+        if self.closed_loop is not None:
+            return [], [[make(wr, 0.0) for wr in queue] for queue in self.user_queues()]
+        return [make(wr, wr.arrival_time) for wr in self.requests], []
+
     def to_requests(self) -> list[Request]:
         """Open loop: every record as a ``Request`` at its own arrival time."""
         if self.closed_loop is not None:
