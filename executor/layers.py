@@ -5,8 +5,9 @@ laid end to end (``T`` tokens, ``R`` requests), whether they are a prefill chunk
 prompt or one decode token. ``AttentionMetadata`` tells attention where each request's
 queries start, how long its sequence is, and which cache blocks hold its KV.
 
-The four hot ops (RMSNorm with optional residual add, rotary embedding, KV-cache store,
-paged attention) are called only through the active ``KernelOps``. ``TORCH_OPS`` is the
+The hot ops (RMSNorm with optional residual add, rotary embedding, KV-cache store, paged
+attention, SwiGLU, and optionally the fused attention prologue: q/k norm + rotary + KV store)
+are called only through the active ``KernelOps``. ``TORCH_OPS`` is the
 plain-PyTorch implementation: slow but obviously correct, the model's reference;
 ``set_kernel_ops(triton_ops())`` swaps in the ``executor.kernels`` Triton kernels without
 touching model code.
@@ -146,6 +147,12 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on the fused gate/up projection output [T, 2I] -> [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 @dataclass(frozen=True)
 class KernelOps:
     """The hot ops a decoder layer calls; one instance is active at a time.
@@ -154,7 +161,12 @@ class KernelOps:
     ``rms_norm(x, weight, eps, residual=None) -> y | (y, x + residual)``;
     ``rotary_embedding(q, k, positions, cos, sin) -> (q, k)``;
     ``store_kv(k, v, k_cache, v_cache, slot_mapping) -> None`` (writes the caches);
-    ``paged_attention(q, k_cache, v_cache, metadata, scale, sliding_window) -> out``.
+    ``paged_attention(q, k_cache, v_cache, metadata, scale, sliding_window) -> out``;
+    ``silu_and_mul(gate_up) -> silu(gate) * up``;
+    ``qk_norm_rope_store(q, k, v, positions, cos, sin, q_weight, k_weight, eps, k_cache,
+    v_cache, slot_mapping) -> (q, k)``: optional (None: the layer calls ``rms_norm`` on each
+    head of q and k when it has q/k norms, then ``rotary_embedding`` and ``store_kv``); when
+    set it does all of that in one call (weights None: no norm).
     """
 
     name: str
@@ -164,6 +176,8 @@ class KernelOps:
     store_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
     paged_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float, int | None],
                               torch.Tensor]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul_torch
+    qk_norm_rope_store: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 TORCH_OPS = KernelOps(
@@ -172,6 +186,8 @@ TORCH_OPS = KernelOps(
     rotary_embedding=rotary_embedding_torch,
     store_kv=store_kv_torch,
     paged_attention=paged_attention_torch,
+    silu_and_mul=silu_and_mul_torch,
+    qk_norm_rope_store=None,
 )
 
 
@@ -194,7 +210,8 @@ def triton_ops() -> KernelOps:
                                        max_seq_len=metadata.max_seq_len)
 
     return KernelOps(name="triton", rms_norm=kernels.rms_norm, rotary_embedding=kernels.apply_rotary,
-                     store_kv=kernels.store_kv, paged_attention=paged_attention)
+                     store_kv=kernels.store_kv, paged_attention=paged_attention,
+                     silu_and_mul=kernels.silu_mul, qk_norm_rope_store=kernels.qk_norm_rope_store)
 
 
 _active_ops: KernelOps = TORCH_OPS
@@ -278,17 +295,22 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        """``q`` [T, Hq, D], ``k``/``v`` [T, Hk, D] -> [T, Hq, D]."""
+    def bound_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_cache is None:
             raise RuntimeError("no KV cache bound: call model.bind_kv_cache(...) before forward")
-        k_cache, v_cache = self.kv_cache
-        _active_ops.store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
+        return self.kv_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                metadata: AttentionMetadata, kv_stored: bool = False) -> torch.Tensor:
+        """``q`` [T, Hq, D], ``k``/``v`` [T, Hk, D] -> [T, Hq, D]. ``kv_stored``: this step's
+        K/V are already in the cache (written by the fused prologue); k/v are not used."""
+        k_cache, v_cache = self.bound_cache()
+        if not kv_stored:
+            _active_ops.store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
         return _active_ops.paged_attention(q, k_cache, v_cache, metadata, self.scale, self.sliding_window)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU on the fused gate/up projection output [T, 2I] -> [T, I]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """SwiGLU on the fused gate/up projection output [T, 2I] -> [T, I], through the active
+    kernel ops (one fused kernel on the GPU)."""
+    return _active_ops.silu_and_mul(gate_up)

@@ -86,3 +86,28 @@ def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
         x1, x2 = x.float().chunk(2, dim=-1)
         x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
     return q, k
+
+
+def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused gate/up output ``[..., 2I]``: ``silu(gate) * up`` (HF's
+    ``act_fn(gate_proj(x)) * up_proj(x)``, with its roundings in the input dtype)."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def qk_norm_rope_store_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                           eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused attention prologue: per-head RMSNorm of q and k (Qwen3; skipped without
+    weights), rotary embedding, then the KV-cache store of the rotated k and of v.
+
+    The norms return new tensors (as the model's ``q_norm``/``k_norm`` modules do); the
+    rotation then works in place on those (or on ``q``/``k`` themselves without norm).
+    """
+    if q_weight is not None:
+        q, k = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
+    q, k = rotary_ref(q, k, positions, cos, sin)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q, k

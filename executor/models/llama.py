@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from executor.config import ModelConfig
-from executor.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding, silu_and_mul
+from executor.layers import (
+    AttentionMetadata,
+    PagedAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    get_kernel_ops,
+    silu_and_mul,
+)
 
 # Checkpoint tensors that carry no weights (old Llama checkpoints saved the RoPE table).
 _IGNORED_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)
@@ -46,10 +53,22 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, metadata)
+        fused = get_kernel_ops().qk_norm_rope_store
+        if fused is not None:
+            # One kernel: q/k norm (Qwen3), rotary, and the KV-cache store of k and v.
+            k_cache, v_cache = self.attn.bound_cache()
+            has_norm = self.q_norm is not None and self.k_norm is not None
+            rope = self.rotary_emb
+            q, k = fused(q, k, v, positions, rope.cos_cache, rope.sin_cache,
+                         self.q_norm.weight if has_norm else None,
+                         self.k_norm.weight if has_norm else None,
+                         self.q_norm.eps if has_norm else 0.0, k_cache, v_cache, metadata.slot_mapping)
+            out = self.attn(q, k, v, metadata, kv_stored=True)
+        else:
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary_emb(positions, q, k)
+            out = self.attn(q, k, v, metadata)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

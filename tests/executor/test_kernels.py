@@ -23,9 +23,11 @@ from executor.kernels import (  # noqa: E402
     apply_rotary,
     choose_num_splits,
     paged_attention,
+    qk_norm_rope_store,
     rms_norm,
     rope_cos_sin_cache,
     rope_inv_freq,
+    silu_mul,
     store_kv,
 )
 from executor.kernels import reference as ref  # noqa: E402
@@ -173,6 +175,46 @@ def test_rotary_reference_matches_hf() -> None:
     torch.testing.assert_close(got_k, hf_k, atol=1e-6, rtol=1e-6)
 
 
+def test_silu_mul_reference_matches_hf_mlp_activation() -> None:
+    """HF's ``act_fn(gate_proj(x)) * up_proj(x)`` on the two halves of the fused output."""
+    activations = pytest.importorskip("transformers.activations")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 2, 2 * 40, dtype=dtype)
+        expected = activations.ACT2FN["silu"](x[..., :40]) * x[..., 40:]
+        assert torch.equal(ref.silu_mul_ref(x), expected)
+
+
+def test_qk_norm_rope_store_reference_matches_hf_qwen3() -> None:
+    """Per-head q/k RMSNorm then HF's rotary, as Qwen3's attention does; k/v land in the
+    cache at their slots (slot -1 skipped)."""
+    qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
+    tokens, heads, kv_heads, head_dim, block_size = 5, 4, 2, 64, 4
+    q, k, v = torch.randn(tokens, heads, head_dim), *torch.randn(2, tokens, kv_heads, head_dim)
+    q_norm, k_norm = qwen3.Qwen3RMSNorm(head_dim, eps=1e-6), qwen3.Qwen3RMSNorm(head_dim, eps=1e-6)
+    with torch.no_grad():
+        q_norm.weight.normal_()
+        k_norm.weight.normal_()
+    positions = torch.tensor([0, 3, 16, 17, 200])
+    cos, sin = rope_cos_sin_cache(head_dim, 256, 1000000.0)
+    full_cos = torch.cat([cos, cos], dim=-1)[positions]
+    full_sin = torch.cat([sin, sin], dim=-1)[positions]
+    with torch.no_grad():
+        hf_q, hf_k = qwen3.apply_rotary_pos_emb(q_norm(q), k_norm(k), full_cos, full_sin, unsqueeze_dim=1)
+    k_cache = torch.zeros(3, block_size, kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([0, 5, -1, 11, 2])
+    got_q, got_k = ref.qk_norm_rope_store_ref(q.clone(), k.clone(), v, positions, cos, sin,
+                                              q_norm.weight.detach(), k_norm.weight.detach(),
+                                              1e-6, k_cache, v_cache, slots)
+    torch.testing.assert_close(got_q, hf_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, hf_k, atol=1e-5, rtol=1e-5)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(k_cache[slot // block_size, slot % block_size], got_k[t])
+            assert torch.equal(v_cache[slot // block_size, slot % block_size], v[t])
+    assert k_cache.abs().sum(-1).count_nonzero() == 4 * kv_heads  # the skipped token wrote nothing
+
+
 def test_choose_num_splits() -> None:
     # A few long decodes leave most SMs idle: split, power of two, >= 256 keys per split.
     assert choose_num_splits(8, 8, 8192, num_sms=132) == 16
@@ -303,3 +345,90 @@ class TestTritonPath:
                        positions, cos, sin)
         torch.testing.assert_close(qkv, expected, atol=TOL[dtype], rtol=TOL[dtype])
         assert torch.equal(qkv[:, k_end:], expected[:, k_end:])  # v untouched
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("inter", [96, 1100])  # masked tail; several column blocks
+    def test_silu_mul(self, dtype: torch.dtype, inter: int) -> None:
+        x = 2 * torch.randn(2, 3, 2 * inter, dtype=dtype, device=DEVICE)
+        got = silu_mul(x)
+        assert got.shape == (2, 3, inter) and got.dtype == dtype
+        torch.testing.assert_close(got, ref.silu_mul_ref(x), atol=TOL[dtype], rtol=TOL[dtype])
+        assert silu_mul(x[:0]).shape == (0, 3, inter)
+
+    @pytest.mark.parametrize(
+        "heads,kv_heads,head_dim,dtype,norm,slot_dtype", [
+            (4, 2, 64, torch.float32, True, torch.int64),
+            (4, 2, 64, torch.bfloat16, True, torch.int32),
+            (6, 3, 96, torch.float32, True, torch.int32),  # non-power-of-2 heads and half dim
+            (4, 1, 64, torch.bfloat16, False, torch.int64),  # Llama / Qwen2: rotary + store
+        ])
+    def test_qk_norm_rope_store_on_fused_qkv(self, heads: int, kv_heads: int, head_dim: int,
+                                             dtype: torch.dtype, norm: bool,
+                                             slot_dtype: torch.dtype) -> None:
+        """q/k/v are views of one fused QKV output, as the model produces them; the
+        result equals the unfused reference (norm, rotary, store) on q, k and both caches."""
+        tokens, block_size, num_blocks = 6, 16, 4
+        q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+
+        def views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return (t[:, :q_end].view(tokens, heads, head_dim),
+                    t[:, q_end:k_end].view(tokens, kv_heads, head_dim),
+                    t[:, k_end:].view(tokens, kv_heads, head_dim))
+
+        weights = ((1 + 0.3 * torch.randn(2, head_dim, device=DEVICE)).to(dtype).unbind(0)
+                   if norm else (None, None))
+        positions = torch.tensor([0, 1, 15, 16, 500, 4095], device=DEVICE)
+        cos, sin = rope_cos_sin_cache(head_dim, 4096, 1000000.0, device=DEVICE)
+        slots = torch.tensor([0, block_size - 1, -1, block_size, 3 * block_size + 5, -1],
+                             dtype=slot_dtype, device=DEVICE)
+        caches = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+        expected_caches = caches.clone()
+        original = qkv.clone()
+        q, k, v = views(qkv)
+        got_q, got_k = qk_norm_rope_store(q, k, v, positions, cos, sin, *weights, 1e-6,
+                                          caches[0], caches[1], slots)
+        assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
+        rq, rk, rv = views(original.clone())
+        exp_q, exp_k = ref.qk_norm_rope_store_ref(rq, rk, rv, positions, cos, sin, *weights, 1e-6,
+                                                  expected_caches[0], expected_caches[1], slots)
+        tol = {"atol": TOL[dtype], "rtol": TOL[dtype]}
+        torch.testing.assert_close(got_q, exp_q, **tol)
+        torch.testing.assert_close(got_k, exp_k, **tol)
+        torch.testing.assert_close(caches, expected_caches, **tol)
+        assert torch.equal(qkv[:, k_end:], original[:, k_end:])  # v untouched
+        assert torch.equal(caches[1], expected_caches[1])  # v stored bit for bit
+
+    @pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "LlamaForCausalLM"])
+    def test_model_forward_triton_ops_match_torch_ops(self, tmp_path: Path, arch: str) -> None:
+        """A tiny model's mixed prefill + decode batches give the same logits through the
+        Triton kernel ops (fused prologue, SwiGLU) as through the torch reference ops."""
+        from executor.layers import TORCH_OPS, AttentionMetadata, set_kernel_ops, triton_ops
+        from executor.loader import load_model
+        from executor.make_random_model import write_random_model
+
+        path = write_random_model(tmp_path / "m", arch, "tiny", dtype="float32", std=0.1)
+        model = load_model(path, device=DEVICE).model
+        cfg = model.config
+        shape = (8, 16, cfg.num_key_value_heads, cfg.head_dim)
+
+        def run(ops):  # prefill 20 + 7 tokens, then a decode of each request
+            caches = [(torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE))
+                      for _ in range(cfg.num_hidden_layers)]
+            model.bind_kv_cache(caches)
+            previous = set_kernel_ops(ops)
+            gen = torch.Generator().manual_seed(0)
+            try:
+                out = []
+                for computed, new in (([0, 0], [20, 7]), ([20, 7], [1, 1])):
+                    md = AttentionMetadata.build(computed, new, [[3, 1], [6, 0]], 16, DEVICE)
+                    ids = torch.randint(3, 500, (sum(new),), generator=gen).to(DEVICE)
+                    pos = torch.tensor([p for c, n in zip(computed, new) for p in range(c, c + n)],
+                                       device=DEVICE)
+                    with torch.no_grad():
+                        out.append(model.compute_logits(model(ids, pos, md)))
+                return torch.cat(out)
+            finally:
+                set_kernel_ops(previous)
+
+        torch.testing.assert_close(run(triton_ops()), run(TORCH_OPS), atol=1e-3, rtol=1e-3)

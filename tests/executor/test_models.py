@@ -155,6 +155,20 @@ def test_triton_kernel_ops_through_the_seam(make_tiny_model: Callable[..., Path]
     assert previous is TORCH_OPS
 
 
+def test_triton_kernel_ops_through_the_seam_without_qk_norm(make_tiny_model: Callable[..., Path]) -> None:
+    """The fused attention prologue with no q/k norm weights (Llama: rotary + KV store)."""
+    pytest.importorskip("triton")
+    model = load_model(make_tiny_model("LlamaForCausalLM")).model
+    prompt = random_tokens(29, seed=3)
+    expected = greedy_paged(model, prompt, 6, first_chunk=17)
+    previous = set_kernel_ops(triton_ops())
+    try:
+        assert triton_ops().qk_norm_rope_store is not None
+        assert greedy_paged(model, prompt, 6, first_chunk=17) == expected
+    finally:
+        set_kernel_ops(previous)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernels_on_gpu_match_hf(family_case: FamilyCase, load_hf: Callable[[Path], Any]) -> None:
     """The same three checks with the real Triton kernels on the GPU (fp32, IEEE dots)."""
