@@ -58,9 +58,10 @@ class KVCacheManager:
         tokens = request.all_token_ids
         parent = hashes[-1] if hashes else None
         salt = request.cache_salt
-        for i in range(len(hashes), num_blocks):
-            parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs]), salt))
-            hashes.append(parent)
+        append = hashes.append
+        for start in range(len(hashes) * bs, num_blocks * bs, bs):
+            parent = hash((parent, tuple(tokens[start:start + bs]), salt))
+            append(parent)
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
@@ -144,11 +145,11 @@ class KVCacheManager:
         if computed:
             pool.touch(computed)
             blocks.extend(computed)
-            ids.extend(b.block_id for b in computed)
+            ids.extend([b.block_id for b in computed])
         if num_new_blocks > 0:
             new = pool.get_new_blocks(num_new_blocks)
             blocks.extend(new)
-            ids.extend(b.block_id for b in new)
+            ids.extend([b.block_id for b in new])
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
         return ids
