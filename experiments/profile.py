@@ -1,5 +1,5 @@
 # ruff: noqa: B023  (closures timed immediately, inside their loop iteration)
-"""Profile the executor's ops on this machine and write a ``servelab-profile-v1`` JSON.
+"""Profile the executor's ops on this machine and write a ``servelab-profile-v2`` JSON.
 
     python -m experiments.profile --model-dir DIR --out experiments/profiles/NAME.json
 
@@ -11,22 +11,28 @@ the numbers are pure device time without launch gaps; warm-ups first, median of 
   plus the embedding gather and the final norm), each over all layers;
 * ``lm_head`` and ``sampling`` (the runner's fused temperature sampler) vs sampled rows;
 * attention with ``executor.kernels.paged_attention`` on the runner's real paged KV pool:
-  decode vs (batch, context) exactly as the decode CUDA graphs launch it (split-K chosen
-  for ``max_model_len``), prefill vs (chunk, context) as an eager step launches it;
+  decode vs (batch, context) exactly as the decode CUDA graphs launch it (the padded size
+  and the split-K its captured graph uses), only up to the profiling pool's size,
+  prefill vs (chunk, context) as an eager step launches it;
 * real ``EngineCore`` steps on the ``RealBackend``: pure-decode steps (CUDA graphs) and
-  fresh-prefill steps (eager). Their wall time (start of one step to the start of the
-  next: scheduling, input preparation, launch, sampling, the engine's update) minus the
-  device time the tables above predict is the per-step CPU overhead: ``graph_s`` plus a
-  per-decode-request part (folded into ``attn_decode``'s per-request slope, because a
-  larger batch costs the scheduler and the input preparation more), and ``eager_s``.
+  serving-like eager steps (16 decodes + one fresh prompt), twice (a cold pass right after
+  start-up, kept as a diagnostic, and a warm pass after the op timings, which is fitted);
+  eager steps after graph steps and after idling (diagnostics only). A step's wall time
+  (start of one step to the start of the next: scheduling, input preparation, launch,
+  sampling, the engine's update) minus the device time the tables predict gives the CPU
+  terms: ``graph_s`` + ``cpu_per_request_s`` per request for graph steps; for eager steps,
+  which are bound by the CPU launching a few hundred kernels, ``max(eager_floor(tokens),
+  device) + eager_s`` (see ``fit_eager_v2``).
 
-An eager step of a small model is bound by the CPU launching its few hundred kernels, not
-by the GPU, so its wall time is ``max(launch, device) + overhead``. The v1 format is a
-sum; to stay exact where it matters, ``eager_s`` is the residual of small eager steps and
-the per-token tables *above* ``graph_max_batch`` (only eager steps read them) absorb the
-measured difference (negative when the device time hides the launch work). Those points
-are marked in ``meta.effective_from_tokens``; the raw device timings are kept in
-``raw_device``. This module imports neither simpy nor hydra (the GPU machine has neither).
+The profile is written in format v2 (``simulator/cost_model/calibrated.py`` describes it);
+``--v2-from-v1`` converts a v1 file written by the earlier version of this module from the
+raw data it kept, and ``--refit-eager`` still redoes that earlier version's v1 eager fit.
+This module imports neither simpy nor hydra (the GPU machine has neither).
+
+Unlike v1, the tables stay raw device times (no eager adjustment, no per-request CPU folded
+into attention), and decode attention is the measured grid itself. Decode points whose KV
+would exceed the profiling pool are not measured (their block tables would reuse blocks;
+in the v1 profile such points ran up to 1.6x faster than real serving, likely L2 hits).
 """
 from __future__ import annotations
 
@@ -45,14 +51,15 @@ from typing import Any
 import numpy as np
 import torch
 
-PROFILE_FORMAT = "servelab-profile-v1"
+PROFILE_FORMAT = "servelab-profile-v2"
+PROFILE_FORMAT_V1 = "servelab-profile-v1"
 
 FULL_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192]
 QUICK_TOKENS = [1, 4, 16, 64, 256, 512]
 FULL_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 QUICK_ROWS = [1, 4, 16]
-FULL_DECODE = [(b, c) for b in (1, 4, 16, 32, 64, 128, 256) for c in (128, 512, 1024, 2048, 4096, 8192, 16384)
-               if b * c <= 1 << 20]
+FULL_DECODE = [(b, c) for b in (1, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+               for c in (128, 512, 1024, 2048, 4096, 8192, 16384) if b * c <= 1 << 20]
 QUICK_DECODE = [(b, c) for b in (1, 4) for c in (32, 128)]
 FULL_PREFILL = [(n, n + c) for n in (16, 64, 256, 512, 1024, 2048, 4096, 8192) for c in (0, 1024, 4096)]
 QUICK_PREFILL = [(n, n + c) for n in (8, 32, 128) for c in (0, 64)]
@@ -62,6 +69,9 @@ QUICK_DECODE_BATCHES = [1, 4]
 FULL_PREFILL_STEPS = [32, 128, 240, 512, 1024, 2048, 4096]
 QUICK_PREFILL_STEPS = [16, 64]
 MIXED_DECODES = 16  # decodes running beside each measured prefill
+AFTER_PREFILLS = [144, 528, 2064]  # eager steps after graph steps / after idling (diagnostics)
+AFTER_GRAPH_STEPS = 8
+AFTER_IDLE_S = 0.3
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -229,18 +239,22 @@ class OpProfiler:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.timer.cuda else 1
         res: dict[str, list[float]] = {"batch": [], "total_context": [], "seconds": []}
         scale = cfg.head_dim ** -0.5
+        pool_tokens = self.num_blocks * self.bs
         for b, c in points:
-            if c > max_len:
-                continue
+            if c > max_len or b * -(-c // self.bs) * self.bs > pool_tokens:
+                continue  # beyond the pool the block tables would reuse blocks (L2 hits)
             q = self._randn(b, cfg.num_attention_heads, cfg.head_dim)
             qsl = torch.arange(b + 1, dtype=torch.int32, device=self.device)
             seq = torch.full((b,), c, dtype=torch.int32, device=self.device)
             bt = self._tables([c] * b)
             if self.runner.use_graphs:
-                # exactly what a captured decode graph launches
+                # exactly what a captured decode graph launches: its padded size and the split-K
+                # it was captured with (the runner may raise the heuristic's choice)
                 padded = self.runner.graphs.padded_size(b) or b
-                splits = self.runner.attention_num_splits or choose_num_splits(
-                    padded, cfg.num_key_value_heads, max_len, sms)
+                captured = getattr(self.runner.graphs, "graphs", {}).get(padded)
+                splits = (captured.num_splits if captured is not None else
+                          self.runner.attention_num_splits or choose_num_splits(
+                              padded, cfg.num_key_value_heads, max_len, sms))
                 max_seq = max_len
             else:
                 splits, max_seq = None, c
@@ -254,6 +268,7 @@ class OpProfiler:
             res["batch"].append(b)
             res["total_context"].append(b * c)
             res["seconds"].append(self.timer(fn))
+            res.setdefault("splits", []).append(int(splits or 1))
         self.log(f"  attn_decode: {len(res['seconds'])} points, "
                  f"{min(res['seconds']) * 1e6:.1f}..{max(res['seconds']) * 1e6:.1f} us")
         return res
@@ -548,6 +563,242 @@ def _adjust_tokens(tok: dict[str, list[float]], t: int, delta: float) -> None:
         tok[k][i] *= f
 
 
+# --- format v2 ------------------------------------------------------------------------------
+def decode_regime(batches: list[int], graph_sizes: list[int], num_kv_heads: int, num_sms: int,
+                  forced_splits: int | None = None) -> tuple[int, int]:
+    """(split_max_batch, latency_batch): the largest decode-graph size whose attention splits
+    the keys (``choose_num_splits``' rule: fewer programs, ``batch * kv_heads``, than SMs),
+    and the smallest measured grid batch above it (every program walks its whole context)."""
+    if forced_splits is not None:
+        split_max = max(graph_sizes, default=0) if forced_splits > 1 else 0
+    else:
+        split_max = max((g for g in graph_sizes if g * num_kv_heads < num_sms), default=0)
+    above = [b for b in sorted(set(batches)) if b > split_max]
+    return split_max, (above[0] if above else 0)
+
+
+def _v2_device_model(v2: dict[str, Any]) -> Any:
+    from simulator.cost_model.calibrated import CalibratedCostModel
+
+    p = json.loads(json.dumps(v2))
+    p["overhead"] = {**p["overhead"], "eager_s": 0.0, "graph_s": 0.0, "cpu_per_request_s": 0.0}
+    p.pop("eager_floor", None)
+    return CalibratedCostModel(p)
+
+
+def fit_eager_v2(v2: dict[str, Any], tokens: list[float], walls: list[float], devices: list[float],
+                 ref_reqs: int) -> dict[str, Any]:
+    """``eager_s`` = median (wall - device) of the mixed steps whose device time exceeds the
+    smallest step's wall (there the launches hide behind the GPU, so what is left is the CPU
+    time that overlaps nothing); ``eager_floor(T)`` = wall - ``eager_s`` at the launch-bound
+    token counts, held at the largest launch-bound value above them."""
+    t, w, d = (np.asarray(x, dtype=float) for x in (tokens, walls, devices))
+    bound = d > w.min()
+    eager_s = float(np.median((w - d)[bound])) if bound.any() else 0.0
+    floor = np.maximum(w - eager_s, 0.0)
+    # Where the device dominated, the wall says nothing about the launch floor except that it
+    # is below the device time: hold the last launch-bound value (the kernel count, hence the
+    # launch work, does not grow with the tokens).
+    if bound.any() and (~bound).any():
+        last = floor[~bound][np.argmax(t[~bound])]
+        floor[bound] = np.minimum(floor[bound], last)
+    v2["overhead"]["eager_s"] = eager_s
+    v2["overhead"]["eager_ref_reqs"] = int(ref_reqs)
+    v2["eager_floor"] = {"num_tokens": t.tolist(), "seconds": floor.tolist()}
+    return {"num_tokens": t.tolist(), "wall_s": w.tolist(), "device_s": d.tolist(),
+            "device_bound": bound.tolist(), "eager_s": eager_s, "ref_reqs": int(ref_reqs)}
+
+
+def make_v2(raw: dict[str, Any], *, pool_tokens: int, split_max_batch: int, latency_batch: int,
+            graph_sizes: list[int], graph_s: float, cpu_per_request_s: float,
+            mixed: tuple[list[float], list[float], list[Any]] | None, ref_reqs: int) -> dict[str, Any]:
+    """A v2 profile from raw measurements: ``raw`` has the v1 keys with raw device tables in
+    ``per_token_ops``, ``raw_device.attn_decode_seconds`` and ``attn_decode.batch/total_context``;
+    ``mixed`` is (token counts, median walls, one BatchShape per count) of the warm mixed steps."""
+    from simulator.cost_model.base import BatchShape
+
+    dec = raw["attn_decode"]
+    seconds = raw.get("raw_device", {}).get("attn_decode_seconds", dec["seconds"])
+    keep = [(int(b), int(tc) // int(b), float(s)) for b, tc, s in zip(dec["batch"], dec["total_context"], seconds)
+            if int(tc) <= pool_tokens]
+    dropped = [(int(b), int(tc) // int(b)) for b, tc in zip(dec["batch"], dec["total_context"])
+               if int(tc) > pool_tokens]
+    v2 = {k: json.loads(json.dumps(raw[k])) for k in ("model", "hardware", "tp", "pp", "per_token_ops", "lm_head",
+                                                      "sampling", "attn_prefill")}
+    v2["format"] = PROFILE_FORMAT
+    if "raw_device" in raw:
+        v2["per_token_ops"] = json.loads(json.dumps(raw["raw_device"]["per_token_ops"]))
+    v2["attn_decode"] = {"batch": [b for b, _, _ in keep], "context": [c for _, c, _ in keep],
+                         "seconds": [s for _, _, s in keep], "split_max_batch": int(split_max_batch),
+                         "latency_batch": int(latency_batch)}
+    if "splits" in dec:  # the split-K each point was measured with (diagnostic)
+        v2["attn_decode"]["splits"] = [int(k) for k, tc in zip(dec["splits"], dec["total_context"])
+                                       if int(tc) <= pool_tokens]
+    v2["overhead"] = {"graph_s": float(graph_s), "graph_max_batch": int(raw["overhead"]["graph_max_batch"]),
+                      "graph_sizes": [int(g) for g in graph_sizes], "cpu_per_request_s": float(cpu_per_request_s),
+                      "eager_s": float(raw["overhead"].get("eager_s", 0.0)), "eager_ref_reqs": int(ref_reqs)}
+    meta = json.loads(json.dumps(raw.get("meta", {})))
+    meta["v2"] = {"decode_points_dropped_beyond_pool": dropped, "profiling_pool_tokens": int(pool_tokens)}
+    v2["meta"] = meta
+    if mixed is not None:
+        tokens, walls, shapes = mixed
+        dev_model = _v2_device_model(v2)
+        devices = [dev_model.step_time(s if isinstance(s, BatchShape) else BatchShape.from_scheduler_output(s)).total
+                   for s in shapes]
+        meta["v2"]["eager_fit"] = fit_eager_v2(v2, tokens, walls, devices, ref_reqs)
+    return v2
+
+
+def measure_eager_after(backend: Any, quick: bool, seed: int = 2) -> dict[str, list[tuple[Any, float, float]]]:
+    """Eager steps in two situations the serving loop meets and the mixed pass does not:
+    ``after_graph`` -- ``MIXED_DECODES`` decodes ran ``AFTER_GRAPH_STEPS`` CUDA-graph steps,
+    then a fresh prompt arrives (the same step shape as the mixed pass, so the difference is
+    the cost of switching back to the eager path); ``after_idle`` -- the engine sat idle for
+    ``AFTER_IDLE_S``, then a lone prompt arrives. Wall = the step's start to the return of
+    ``engine.step`` (it includes the engine's update)."""
+    from core.config import SchedulerConfig
+    from core.engine import EngineCore
+    from core.request import Request
+    from core.sampling_params import SamplingParams
+
+    runner = backend.runner
+    vocab = runner.config.vocab_size
+    rng = np.random.default_rng(seed)
+    base = {"max_num_seqs": runner.max_num_seqs, "max_num_batched_tokens": runner.max_num_batched_tokens,
+            "max_model_len": runner.max_model_len}
+    limit = min(runner.max_num_batched_tokens - MIXED_DECODES, runner.max_model_len - 1)
+    sizes = [t for t in ((16, 64) if quick else AFTER_PREFILLS) if t <= limit]
+    reps = 2 if quick else 4
+    gap = 2 if quick else AFTER_GRAPH_STEPS
+    out: dict[str, list[tuple[Any, float, float]]] = {"after_graph": [], "after_idle": []}
+    for kind in ("after_graph", "after_idle"):
+        num_dec = (2 if quick else MIXED_DECODES) if kind == "after_graph" else 0
+        engine = EngineCore(SchedulerConfig(**base), backend.cache_config, backend, eos_token_id=backend.eos_token_id)
+        backend.bind(engine.scheduler.requests)
+        backend.runner.reset()
+        need = len(sizes) * reps * (gap + 1) + 8
+        for i in range(num_dec):
+            engine.add_request(Request(f"d{i}", rng.integers(3, vocab, size=32).tolist(),
+                                       SamplingParams(max_tokens=need, ignore_eos=True), arrival_time=0.0))
+        t0 = time.perf_counter()
+        if num_dec:
+            engine.step(0.0)
+        k = 0
+        for t in sizes:
+            for _ in range(reps):
+                if num_dec:
+                    for _ in range(gap):
+                        engine.step(time.perf_counter() - t0)
+                else:
+                    time.sleep(0.05 if quick else AFTER_IDLE_S)
+                engine.add_request(Request(f"a{k}", rng.integers(3, vocab, size=t).tolist(),
+                                           SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0))
+                k += 1
+                start = time.perf_counter()
+                res = engine.step(start - t0)
+                wall = time.perf_counter() - start
+                so = res.scheduler_output
+                if so is not None and not so.is_empty and len(so.req_ids) == num_dec + 1:
+                    out[kind].append((so, wall, res.duration))
+        for rid in list(engine.scheduler.requests):
+            engine.abort_request(rid, 0.0)
+    return out
+
+
+def fit_overhead_v2(v2: dict[str, Any], records: dict[str, list[tuple[Any, float, float]]],
+                    after: dict[str, list[tuple[Any, float, float]]], ref_reqs: int,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Per-step CPU terms of a v2 profile from real engine steps (edits ``v2`` in place):
+    ``graph_s`` + ``cpu_per_request_s`` * batch from the pure-decode (graph) steps' wall minus
+    the v2 device time, then the eager fit (``fit_eager_v2``) from the warm mixed steps."""
+    from simulator.cost_model.base import BatchShape
+
+    result: dict[str, Any] = {}
+    dev = _v2_device_model(v2)
+
+    def device(recs: list[tuple[Any, float, float]]) -> np.ndarray:
+        return np.array([dev.step_time(BatchShape.from_scheduler_output(r[0])).total for r in recs])
+
+    dec = records.get("decode", [])
+    if dec:
+        pred = device(dec)
+        batch = np.array([len(r[0].req_ids) for r in dec], dtype=float)
+        summ = _summary_by(dec, pred, batch)
+        bs_u, med = np.array(summ["key"]), np.array(summ["median_residual_s"])
+        per_req = max(0.0, float(np.polyfit(bs_u, med, 1)[0])) if len(bs_u) >= 2 else 0.0
+        graph_s = float(np.median(med - per_req * bs_u))
+        v2["overhead"]["graph_s"], v2["overhead"]["cpu_per_request_s"] = graph_s, per_req
+        result["decode_by_batch"] = summ
+        log(f"  graph decode: graph_s {graph_s * 1e6:.1f} us + {per_req * 1e6:.2f} us per request")
+    mixed = records.get("mixed", [])
+    if mixed:
+        pred = device(mixed)
+        toks = np.array([r[0].total_num_scheduled_tokens for r in mixed], dtype=float)
+        summ = _summary_by(mixed, pred, toks)
+        result["mixed_by_tokens"] = summ
+        v2["meta"]["v2"]["eager_fit"] = fit_eager_v2(v2, summ["key"], summ["median_wall_s"],
+                                                     summ["median_predicted_device_s"], ref_reqs)
+        log(f"  mixed eager steps: eager_s {v2['overhead']['eager_s'] * 1e6:.1f} us, floor "
+            f"{[round(x * 1e3, 2) for x in v2['eager_floor']['seconds']]} ms")
+    if records.get("mixed_cold"):
+        cold = records["mixed_cold"]
+        toks = np.array([r[0].total_num_scheduled_tokens for r in cold], dtype=float)
+        result["mixed_cold_pass"] = _summary_by(cold, device(cold), toks)
+        v2["meta"]["mixed_cold_pass"] = result["mixed_cold_pass"]
+    if records.get("lone_prefill"):
+        recs = records["lone_prefill"]
+        toks = np.array([r[0].total_num_scheduled_tokens for r in recs], dtype=float)
+        result["lone_prefill_by_tokens"] = _summary_by(recs, device(recs), toks)
+    from simulator.cost_model.calibrated import CalibratedCostModel
+
+    full = CalibratedCostModel(v2)
+    for kind, recs in after.items():
+        if not recs:
+            continue
+        pred = np.array([full.step_time(BatchShape.from_scheduler_output(r[0])).total for r in recs])
+        toks = np.array([r[0].total_num_scheduled_tokens for r in recs], dtype=float)
+        summ = _summary_by(recs, pred, toks)
+        summ["note"] = "median_predicted_device_s here is the full v2 step-time prediction (CPU terms included)"
+        result[f"eager_{kind}"] = summ
+        log(f"  eager {kind}: wall {[round(x * 1e3, 2) for x in summ['median_wall_s']]} ms vs model "
+            f"{[round(x * 1e3, 2) for x in summ['median_predicted_device_s']]} ms")
+    return result
+
+
+def v2_from_v1(v1: dict[str, Any], *, num_kv_heads: int, num_sms: int, pool_tokens: int | None = None,
+               mixed_decode_context: int = 64) -> dict[str, Any]:
+    """Convert a v1 profile written by this module (it kept the raw device tables, the raw
+    decode grid and the warm mixed-step walls) to v2. The mixed steps' shapes were not stored:
+    they are rebuilt as ``MIXED_DECODES`` decodes of ``mixed_decode_context`` tokens beside one
+    fresh prompt, which is how ``_mixed_steps`` built them (the decoders' contexts grew from
+    34 to about 100 tokens over the pass)."""
+    from simulator.cost_model.base import BatchShape
+
+    if v1.get("format") != PROFILE_FORMAT_V1:
+        raise ValueError(f"not a v1 profile: {v1.get('format')!r}")
+    meta = v1["meta"]
+    if pool_tokens is None:  # build_profile's default pool (the v1 files did not record it)
+        max_len = int(meta["max_model_len"])
+        pool_tokens = max(2 * -(-max_len // 16), (256 * 1024) // 16) * int(meta.get("block_size", 16))
+    sizes = list(meta["cuda_graph_sizes"])
+    split_max, lat = decode_regime(v1["attn_decode"]["batch"], sizes, num_kv_heads, num_sms)
+    over = v1["overhead"]
+    warm = meta.get("mixed_after_op_timings") or meta["overhead_fit"]["mixed_by_tokens"]
+    tokens, walls = warm["key"], warm["median_wall_s"]
+    shapes = [BatchShape.from_lists([1] * MIXED_DECODES + [int(t) - MIXED_DECODES],
+                                    [mixed_decode_context] * MIXED_DECODES + [int(t) - MIXED_DECODES])
+              for t in tokens]
+    v2 = make_v2(v1, pool_tokens=pool_tokens, split_max_batch=split_max, latency_batch=lat, graph_sizes=sizes,
+                 graph_s=over["graph_s"], cpu_per_request_s=over.get("cpu_per_decode_request_s", 0.0),
+                 mixed=(tokens, walls, shapes), ref_reqs=MIXED_DECODES + 1)
+    v2["meta"]["v2"].update({"converted_from": PROFILE_FORMAT_V1, "num_kv_heads": num_kv_heads, "num_sms": num_sms,
+                             "mixed_decode_context_assumed": mixed_decode_context})
+    for k in ("attn_decode_plane", "effective_from_tokens", "eager_fit"):
+        v2["meta"].pop(k, None)
+    v2["meta"]["v1_eager_fit"] = meta.get("eager_fit")
+    return v2
+
+
 # --- main -----------------------------------------------------------------------------------
 def build_profile(model_dir: str, *, model_name: str | None = None, hardware_name: str | None = None,
                   device: str | None = None, quick: bool = False, max_model_len: int = 16384,
@@ -605,8 +856,8 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
     except ImportError:  # pragma: no cover
         triton_version = None
     graph_max = max(runner.capture_sizes, default=0)
-    profile: dict[str, Any] = {
-        "format": PROFILE_FORMAT,
+    raw: dict[str, Any] = {
+        "format": PROFILE_FORMAT_V1,  # the raw measurements, in v1's layout; make_v2 turns them into v2
         "model": model_name or Path(model_dir).name,
         "hardware": hardware_name or _hardware_name(dev_name),
         "tp": 1, "pp": 1,
@@ -623,18 +874,13 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
             "model_dir": str(model_dir), "dtype": str(cfg.dtype).removeprefix("torch."),
             "block_size": runner.block_size, "max_model_len": runner.max_model_len,
             "max_num_seqs": runner.max_num_seqs, "max_num_batched_tokens": runner.max_num_batched_tokens,
+            "num_gpu_blocks": runner.num_gpu_blocks,
             "cuda_graph_sizes": list(runner.capture_sizes), "quick": quick,
             "timing": ("CUDA events around CUDA-graph replays of each op over all layers, median"
                        if dev.type == "cuda" else "perf_counter, median (CPU)"),
             "graph_capture_failures": prof.timer.graph_failures,
         },
     }
-    profile["raw_device"] = {"per_token_ops": json.loads(json.dumps(profile["per_token_ops"])),
-                             "attn_decode_seconds": list(dec["seconds"])}
-    dec["seconds"], plane = weighted_decode_plane(dec)
-    profile["meta"]["attn_decode_plane"] = {"a_s": plane[0], "b_s_per_req": plane[1], "c_s_per_token": plane[2],
-                                            "note": "attn_decode.seconds = this relative-error-weighted plane "
-                                                    "(+ cpu_per_decode_request_s * batch); raw in raw_device"}
     if warm_pass is None:
         warm_pass = dev.type == "cuda" and not quick
     if warm_pass:
@@ -644,13 +890,18 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
         warm = measure_engine_steps(backend, quick, log, seed=1, only_mixed=True)["mixed"]
         engine_records["mixed_cold"] = engine_records["mixed"]
         engine_records["mixed"] = warm
+    log("eager steps after graph steps and after idling (diagnostics)")
+    after = measure_eager_after(backend, quick, seed=2)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    split_max, lat = decode_regime(dec["batch"], list(runner.capture_sizes), cfg.num_key_value_heads, sms,
+                                   runner.attention_num_splits)
+    ref_reqs = (2 if quick else MIXED_DECODES) + 1
+    profile = make_v2(raw, pool_tokens=runner.num_gpu_blocks * runner.block_size, split_max_batch=split_max,
+                      latency_batch=lat, graph_sizes=list(runner.capture_sizes), graph_s=0.0, cpu_per_request_s=0.0,
+                      mixed=None, ref_reqs=ref_reqs)
+    profile["meta"]["v2"].update({"num_sms": sms, "num_kv_heads": cfg.num_key_value_heads})
     log("overhead fit")
-    profile["meta"]["overhead_fit"] = fit_overhead(profile, engine_records, log)
-    if engine_records.get("mixed_cold"):
-        cold = engine_records["mixed_cold"]
-        pred = _predict_device(profile, [r[0] for r in cold])
-        toks = np.array([r[0].total_num_scheduled_tokens for r in cold], dtype=float)
-        profile["meta"]["mixed_cold_pass"] = _summary_by(cold, pred, toks)
+    profile["meta"]["overhead_fit"] = fit_overhead_v2(profile, engine_records, after, ref_reqs, log)
     profile["meta"]["eager_fit"] = {"source": "mixed eager steps, warm pass" if warm_pass else "mixed eager steps"}
     profile["meta"]["profile_seconds"] = round(time.perf_counter() - t_start, 1)
     log(f"profile done in {profile['meta']['profile_seconds']} s")
@@ -670,6 +921,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--refit-eager", default=None, metavar="PROFILE",
                     help="recompute the eager fit of an older profile from its stored warm pass, write --out")
+    ap.add_argument("--v2-from-v1", default=None, metavar="PROFILE",
+                    help="convert a v1 profile written by this module to v2 (needs --num-kv-heads, --num-sms)")
+    ap.add_argument("--num-kv-heads", type=int, default=None, help="the model's KV heads (--v2-from-v1)")
+    ap.add_argument("--num-sms", type=int, default=None, help="the profiled GPU's SM count (--v2-from-v1)")
     ap.add_argument("--out", required=True, help="profile JSON to write")
     ap.add_argument("--model-name", default=None, help="catalog name the simulator knows (default: dir name)")
     ap.add_argument("--hardware-name", default=None)
@@ -684,6 +939,15 @@ def main(argv: list[str] | None = None) -> None:
         profile = refit_eager_from_meta(json.loads(Path(args.refit_eager).read_text()))
         Path(args.out).write_text(json.dumps(profile, indent=1, default=float) + "\n")
         print(f"refit eager_s = {profile['overhead']['eager_s'] * 1e3:.2f} ms -> {args.out}")
+        return
+    if args.v2_from_v1:
+        if not (args.num_kv_heads and args.num_sms):
+            ap.error("--v2-from-v1 needs --num-kv-heads and --num-sms")
+        profile = v2_from_v1(json.loads(Path(args.v2_from_v1).read_text()), num_kv_heads=args.num_kv_heads,
+                             num_sms=args.num_sms)
+        Path(args.out).write_text(json.dumps(profile, indent=1, default=float) + "\n")
+        print(f"v2: eager_s {profile['overhead']['eager_s'] * 1e3:.2f} ms, split graphs up to batch "
+              f"{profile['attn_decode']['split_max_batch']} -> {args.out}")
         return
     if not args.model_dir:
         ap.error("--model-dir is required")

@@ -21,7 +21,13 @@ One backend (model, KV pool, CUDA graphs) serves all cases; each case gets a fre
 calibrated and roofline latencies), and over all cases ``errors.csv`` / ``errors.md``
 (TTFT/TPOT/ITL/E2E at p50/p90/p99, throughputs, preemptions, prefix hit rate: real, sim,
 relative error) and PNG overlays (latency CDFs per case; latency vs throughput over the
-QPS sweep).
+QPS sweep). ``--baseline-profile`` adds a second calibrated run (``calibrated_v1``).
+
+``steps`` is the step-level check: it rebuilds every real step's batch (``replay_steps``:
+the scheduler replayed on the real steps' start times) and compares each profile's
+predicted step time with the real wall time, per step kind and case (``step_errors.md``)::
+
+    python -m experiments.validate steps --real runs/ --profile v2=P.json [--profile v1=Q.json] --out DIR
 """
 from __future__ import annotations
 
@@ -245,7 +251,7 @@ def _model_spec(record: dict[str, Any]) -> Any:
 
 
 def simulate_case(record: dict[str, Any], cost_model: str, options: dict[str, Any], out_dir: Path | None,
-                  hardware: str | None = None) -> dict[str, Any]:
+                  hardware: str | None = None, fast_forward: bool = True) -> dict[str, Any]:
     from core.config import SchedulerConfig
     from core.workloads.config import WorkloadConfig, build_workload
     from simulator.runner import SimulationConfig, run_simulation
@@ -256,7 +262,7 @@ def simulate_case(record: dict[str, Any], cost_model: str, options: dict[str, An
                            scheduler=SchedulerConfig(**record["scheduler"]), block_size=cache["block_size"],
                            enable_prefix_caching=cache["enable_prefix_caching"],
                            num_gpu_blocks=cache["num_gpu_blocks"], cost_model=cost_model,
-                           cost_model_options=options)
+                           cost_model_options=options, fast_forward=fast_forward)
     run = run_simulation(cfg, workload, out_dir=out_dir)
     return run.metrics
 
@@ -272,10 +278,32 @@ def _rel(sim: float | None, real: float | None) -> float:
     return (sim - real) / abs(real)
 
 
+def _sim_variants(profile: Path, baseline_profile: Path | None) -> list[tuple[str, str, dict[str, Any], bool]]:
+    """(label, cost model, options, fast_forward) of each simulator run per case. A v2 profile
+    runs without the decode fast-forward: ``simulator.simulation`` passes no longest context to
+    ``decode_step_times``, which then assumes equal contexts (exact only in step-by-step runs)."""
+    def ff(path: Path) -> bool:
+        return json.loads(path.read_text()).get("format") == "servelab-profile-v1"
+
+    out = [("calibrated", "calibrated", {"profile": str(profile)}, ff(profile))]
+    if baseline_profile is not None:
+        out.append(("calibrated_v1", "calibrated", {"profile": str(baseline_profile)}, ff(baseline_profile)))
+    out.append(("roofline", "roofline", {}, True))
+    return out
+
+
+def sim_labels(table: Any) -> list[str]:
+    return [label for label in SIM_LABELS if label in getattr(table, "columns", table)]
+
+
+SIM_LABELS = ("calibrated", "calibrated_v1", "roofline")
+
+
 def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None = None,
-            plots: bool = True, sim_root: Path | None = None) -> Any:
+            plots: bool = True, sim_root: Path | None = None, baseline_profile: Path | None = None) -> Any:
     """Rerun every case under ``real_root`` in the simulator; write the comparison to ``out``.
-    The simulated runs' own result files go to ``sim_root`` (a temporary folder if None)."""
+    The simulated runs' own result files go to ``sim_root`` (a temporary folder if None).
+    ``baseline_profile`` (optional) adds a second calibrated run, labelled ``calibrated_v1``."""
     import tempfile
 
     import pandas as pd
@@ -303,15 +331,16 @@ def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None =
         t0 = time.perf_counter()
         sims: dict[str, dict[str, Any]] = {}
         frames = {"real": pd.read_parquet(d / REQUESTS_FILE)}
-        for label, kind, opts in (("calibrated", "calibrated", {"profile": str(profile)}),
-                                  ("roofline", "roofline", {})):
+        variants = _sim_variants(profile, baseline_profile)
+        labels = [v[0] for v in variants]
+        for label, kind, opts, ff in variants:
             sim_dir = sim_root / name / label
-            sims[label] = simulate_case(record, kind, opts, sim_dir)
+            sims[label] = simulate_case(record, kind, opts, sim_dir, fast_forward=ff)
             frames[label] = pd.read_parquet(sim_dir / REQUESTS_FILE)
         metrics_by_case[name] = {"real": real, **sims}
         for key in metric_keys():
             row = {"case": name, "metric": key, "real": real.get(key)}
-            for label in ("calibrated", "roofline"):
+            for label in labels:
                 row[label] = sims[label].get(key)
                 row[f"{label}_rel_err"] = _rel(sims[label].get(key), real.get(key))
             rows.append(row)
@@ -319,14 +348,14 @@ def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None =
         cols = ["request_id", "arrival_time", "prompt_len", "output_len", "ttft", "tpot", "e2el",
                 "num_preemptions", "num_cached_tokens"]
         merged = frames["real"][cols].rename(columns={c: f"{c}_real" for c in cols[4:]})
-        for label in ("calibrated", "roofline"):
+        for label in labels:
             f = frames[label][["request_id", "ttft", "tpot", "e2el", "num_preemptions", "num_cached_tokens"]]
             merged = merged.merge(f.rename(columns={c: f"{c}_{label}" for c in f.columns[1:]}),
                                   on="request_id", how="left")
         merged.insert(0, "case", name)
         merged.to_parquet(out / f"requests_compare_{name}.parquet", index=False)
         per_case_frames[name] = merged
-        print(f"  {name}: simulated twice in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"  {name}: simulated {len(labels)} times in {time.perf_counter() - t0:.1f} s", flush=True)
     if tmp is not None:
         tmp.cleanup()
     table = pd.DataFrame(rows)
@@ -344,7 +373,7 @@ def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None =
 def summarize_errors(table: Any) -> dict[str, Any]:
     """Median absolute relative error over cases, per metric and simulator."""
     out: dict[str, Any] = {}
-    for label in ("calibrated", "roofline"):
+    for label in sim_labels(table):
         per_metric = {}
         for key in (*TARGETS, *TAIL_TARGETS, "median_itl_ms", "request_throughput"):
             vals = table.loc[table.metric == key, f"{label}_rel_err"].abs().dropna()
@@ -395,23 +424,24 @@ def errors_markdown(table: Any, summary: dict[str, Any], profile: dict[str, Any]
     lines.append("Median |relative error| over the cases:")
     lines.append("")
     keys = list(summary["calibrated"])
+    labels = sim_labels(table)
     lines.append("| simulator | " + " | ".join(keys) + " |")
     lines.append("|---|" + "---|" * len(keys))
-    for label in ("calibrated", "roofline"):
+    for label in labels:
         lines.append(f"| {label} | " + " | ".join(_abs_pct(summary[label][k]) for k in keys) + " |")
     lines.append("")
     for case in table.case.unique():
         sub = table[table.case == case].set_index("metric")
         lines.append(f"### {case}")
         lines.append("")
-        lines.append("| metric | real | calibrated | err | roofline | err |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append("| metric | real | " + " | ".join(f"{label} | err" for label in labels) + " |")
+        lines.append("|---|---:|" + "---:|---:|" * len(labels))
         for key in SHOWN:
             if key not in sub.index:
                 continue
             r = sub.loc[key]
-            lines.append(f"| {key} | {_fmt(r.real)} | {_fmt(r.calibrated)} | {_pct(r.calibrated_rel_err)} | "
-                         f"{_fmt(r.roofline)} | {_pct(r.roofline_rel_err)} |")
+            lines.append(f"| {key} | {_fmt(r.real)} | " + " | ".join(
+                f"{_fmt(r[label])} | {_pct(r[f'{label}_rel_err'])}" for label in labels) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -431,8 +461,10 @@ def plot_cdfs(frames: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    styles = {"real": ("k", "-"), "calibrated": ("tab:blue", "--"), "roofline": ("tab:orange", ":")}
+    all_styles = {"real": ("k", "-"), "calibrated": ("tab:blue", "--"), "calibrated_v1": ("tab:green", "-."),
+                  "roofline": ("tab:orange", ":")}
     for name, df in frames.items():
+        styles = {k: v for k, v in all_styles.items() if f"ttft_{k}" in df.columns}
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, (col, title) in zip(axes, (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2E latency"))):
             for label, (color, ls) in styles.items():
@@ -464,7 +496,9 @@ def plot_latency_throughput(metrics_by_case: dict[str, Any], out: Path) -> Path 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    styles = {"real": ("k", "-", "o"), "calibrated": ("tab:blue", "--", "s"), "roofline": ("tab:orange", ":", "^")}
+    styles = {"real": ("k", "-", "o"), "calibrated": ("tab:blue", "--", "s"),
+              "calibrated_v1": ("tab:green", "-.", "v"), "roofline": ("tab:orange", ":", "^")}
+    styles = {k: v for k, v in styles.items() if k in metrics_by_case[cases[0]]}
     for ax, key, title in zip(axes, ("median_ttft_ms", "median_tpot_ms", "p90_e2el_ms"),
                               ("median TTFT (ms)", "median TPOT (ms)", "p90 E2E (ms)")):
         for label, (color, ls, marker) in styles.items():
@@ -481,6 +515,132 @@ def plot_latency_throughput(metrics_by_case: dict[str, Any], out: Path) -> Path 
     fig.savefig(p, dpi=90)
     plt.close(fig)
     return p
+
+
+# --- step level -----------------------------------------------------------------------------------
+#: A real step whose next step started more than this after its end was followed by idling:
+#: its wall time (to the next step's start) is not a step time, so it is left out.
+IDLE_GAP_S = 0.002
+
+
+def replay_steps(case_dir: Path, max_duration: float = 45.0) -> Any:
+    """Every real step of a run, with the batch shape it ran, rebuilt without the GPU.
+
+    The scheduler is deterministic given when each step started, so replaying the case's
+    requests through ``run_online`` with the real steps' start times as the clock (and their
+    measured durations) reproduces each step's batch. Columns: the ``BatchShape`` fields, the
+    real ``duration`` and ``wall`` (to the next step's start), ``idle_before`` (seconds
+    between the previous step's end and this step's start) and ``match`` (batch size and
+    token counts equal the real step's)."""
+    import numpy as np
+    import pandas as pd
+
+    from core.config import CacheConfig, SchedulerConfig
+    from core.results import STEPS_FILE
+    from core.workloads.config import WorkloadConfig, build_workload
+    from executor.online import run_online
+    from simulator.cost_model.base import BatchShape, StepTiming
+    from simulator.sim_backend import SimBackend
+
+    record = json.loads((case_dir / "case.json").read_text())
+    steps = pd.read_parquet(case_dir / STEPS_FILE)
+    times, durs = steps["time"].to_numpy(), steps["duration"].to_numpy()
+    shapes: list[BatchShape] = []
+
+    class _Zero:
+        def step_time(self, batch: BatchShape) -> StepTiming:
+            return StepTiming(0.0, {})
+
+    class _Replay(SimBackend):
+        def execute(self, out: Any) -> Any:
+            k = len(shapes)
+            shapes.append(BatchShape.from_scheduler_output(out))
+            res = super().execute(out)
+            return dataclasses.replace(res, duration=float(durs[k]) if k < len(durs) else 0.0)
+
+    cache = record["cache"]
+    engine_cls = __import__("core.engine", fromlist=["EngineCore"]).EngineCore
+    engine = engine_cls(SchedulerConfig(**record["scheduler"]),
+                        CacheConfig(cache["block_size"], cache["num_gpu_blocks"], 0, cache["enable_prefix_caching"]),
+                        _Replay(_Zero()))
+    requests = build_requests_open_loop(build_workload(WorkloadConfig.from_dict(record["workload"])))
+
+    def clock() -> float:
+        k = len(shapes)
+        return float(times[k]) if k < len(times) else float(times[-1]) + max_duration + 1.0
+
+    run_online(engine, requests, clock=clock, sleep=lambda s: None, max_duration=max_duration)
+    n = min(len(shapes), len(steps))
+    df = pd.DataFrame([dataclasses.asdict(x) for x in shapes[:n]])
+    df.insert(0, "case", record["name"])
+    df.insert(1, "step", np.arange(n))
+    df["duration"] = durs[:n]
+    nxt = np.append(times[1:n], np.nan)
+    df["wall"] = nxt - times[:n]
+    prev_end = np.insert(times[:n - 1] + durs[:n - 1], 0, np.nan)
+    df["idle_before"] = times[:n] - prev_end
+    df["match"] = ((steps["batch_size"].to_numpy()[:n] == df["num_reqs"].to_numpy())
+                   & ((steps["num_prefill_tokens"] + steps["num_decode_tokens"]).to_numpy()[:n]
+                      == df["num_tokens"].to_numpy()))
+    return df
+
+
+def step_kind(df: Any, graph_max_batch: int) -> Any:
+    import numpy as np
+
+    graph = (df["num_decode"] == df["num_reqs"]) & (df["num_reqs"] <= graph_max_batch)
+    return np.where(graph, "graph decode", "eager mixed")
+
+
+def step_errors(real_root: Path, profiles: dict[str, Path], graph_max_batch: int = 256) -> tuple[Any, Any]:
+    """Per real step: predicted (each profile) vs measured wall time. Returns (steps, summary)
+    where summary has, per profile, step kind and case (and 'all'), the median signed and the
+    median / p90 absolute relative error. Steps followed by idling are left out."""
+    import pandas as pd
+
+    from simulator.cost_model.base import BatchShape
+    from simulator.cost_model.calibrated import CalibratedCostModel
+
+    dirs = sorted(p.parent for p in real_root.glob("*/case.json"))
+    frames = [replay_steps(d) for d in sorted(dirs, key=lambda p: CASE_ORDER.index(p.name)
+                                                 if p.name in CASE_ORDER else 99)]
+    df = pd.concat(frames, ignore_index=True)
+    df["kind"] = step_kind(df, graph_max_batch)
+    fields = [f.name for f in dataclasses.fields(BatchShape)]
+    shapes = [BatchShape(**{f: int(r[f]) for f in fields}) for r in df[fields].to_dict("records")]
+    busy = (df["wall"] - df["duration"] <= IDLE_GAP_S) & df["match"]
+    rows = []
+    for label, path in profiles.items():
+        cm = CalibratedCostModel.from_file(path)
+        df[f"pred_{label}"] = [cm.step_time(s).total for s in shapes]
+        df[f"err_{label}"] = df[f"pred_{label}"] / df["wall"] - 1.0
+        sub = df[busy]
+        for (case, kind), g in [(("all", k), g) for k, g in sub.groupby("kind")] + list(sub.groupby(["case", "kind"])):
+            e = g[f"err_{label}"]
+            rows.append({"profile": label, "case": case, "kind": kind, "steps": len(e),
+                         "median_signed": float(e.median()), "median_abs": float(e.abs().median()),
+                         "p90_abs": float(e.abs().quantile(0.9))})
+    df["busy"] = busy
+    return df, pd.DataFrame(rows)
+
+
+def step_errors_markdown(summary: Any) -> str:
+    labels = list(dict.fromkeys(summary["profile"]))
+    lines = [("Step-level relative error of the predicted step time against each real step's wall time "
+              "(start to the next step's start; steps followed by idling left out). Each cell: median "
+              "signed / median abs / p90 abs."), ""]
+    lines.append("| case | kind | steps | " + " | ".join(labels) + " |")
+    lines.append("|---|---|---:|" + "---|" * len(labels))
+    piv = summary.set_index(["case", "kind", "profile"])
+    keys = list(dict.fromkeys(zip(summary["case"], summary["kind"])))
+    for case, kind in keys:
+        cells = []
+        for label in labels:
+            r = piv.loc[(case, kind, label)]
+            cells.append(f"{100 * r.median_signed:+.1f}% / {100 * r.median_abs:.1f}% / {100 * r.p90_abs:.1f}%")
+        n = int(piv.loc[(case, kind, labels[0])].steps)
+        lines.append(f"| {'**all**' if case == 'all' else case} | {kind} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -516,6 +676,11 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--case", default=None, help="restrict to these cases (comma list)")
     c.add_argument("--no-plots", action="store_true")
     c.add_argument("--sim-dir", default=None, help="keep the simulated runs' result files here")
+    c.add_argument("--baseline-profile", default=None, help="a second profile, reported as calibrated_v1")
+    st = sub.add_parser("steps", help="step-level check: every real step's wall time vs each profile's prediction")
+    st.add_argument("--real", required=True)
+    st.add_argument("--profile", action="append", required=True, metavar="LABEL=PATH")
+    st.add_argument("--out", default="experiments/results/validation")
     sub.add_parser("cases", help="list the cases")
     args = ap.parse_args(argv)
     if args.phase == "real":
@@ -526,10 +691,20 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase == "compare":
         table = compare(Path(args.real), Path(args.profile), Path(args.out),
                         cases=_case_list(args.case) if args.case else None, plots=not args.no_plots,
-                        sim_root=Path(args.sim_dir) if args.sim_dir else None)
+                        sim_root=Path(args.sim_dir) if args.sim_dir else None,
+                        baseline_profile=Path(args.baseline_profile) if args.baseline_profile else None)
         summary = json.loads((Path(args.out) / "summary.json").read_text())
         print(json.dumps(summary, indent=1))
         del table
+    elif args.phase == "steps":
+        profiles = dict(spec.split("=", 1) for spec in args.profile)
+        _, summary = step_errors(Path(args.real), {k: Path(v) for k, v in profiles.items()})
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        summary.to_csv(out / "step_errors.csv", index=False)
+        md = step_errors_markdown(summary)
+        (out / "step_errors.md").write_text(md)
+        print(md)
     else:
         for name, case in CASES.items():
             print(f"{name:14s} {case.get('note', '')}")

@@ -50,7 +50,7 @@ class Replica:
         backend.bind(engine.scheduler.requests)
         self.wake: simpy.Event | None = None
         self._ff: tuple[float, list[float], list[float]] | None = None  # start, durations, ends
-        self._ff_shape = (0, 0)  # (batch, total context) at the start of the pending run
+        self._ff_shape = (0, 0, 0)  # (batch, total context, longest context) at the start of the pending run
         self._busy_until = 0.0
         self.process = sim.env.process(self._run())
 
@@ -97,8 +97,8 @@ class Replica:
     def _decode_breakdown(self, k: int, total: float) -> dict[str, float]:
         """Per-op split of k fast-forwarded decode steps: the middle step's split, scaled to
         the exact total (only the plot of where time goes reads it; timings are exact)."""
-        batch, ctx = self._ff_shape
-        mid = self.backend.cost_model.step_time(BatchShape.decode(batch, ctx + (k // 2) * batch))
+        batch, ctx, longest = self._ff_shape
+        mid = self.backend.cost_model.step_time(BatchShape.decode(batch, ctx + (k // 2) * batch, longest + k // 2))
         scale = total / mid.total if mid.total > 0 else 0.0
         return {op: t * scale for op, t in mid.breakdown.items()}
 
@@ -117,9 +117,11 @@ class Replica:
             if k >= 2:
                 running = eng.scheduler.running
                 batch = len(running)
-                ctx = sum(r.num_computed_tokens for r in running) + batch
-                self._ff_shape = (batch, ctx)
-                durations = cost.decode_step_times(batch, ctx, k).tolist()
+                computed = [r.num_computed_tokens for r in running]
+                ctx = sum(computed) + batch
+                longest = max(computed) + 1
+                self._ff_shape = (batch, ctx, longest)
+                durations = cost.decode_step_times(batch, ctx, k, longest).tolist()
                 ends = []
                 t = env.now
                 for d in durations:

@@ -3,7 +3,9 @@
 The simulator asks for one step time per engine step (tens of thousands per run), so a
 batch is summarised once into the aggregates every per-op formula needs (tokens, decode
 requests and their context, the prefill chunks' token pairs) and ``step_time`` is O(1) in
-the batch size. Attention cost is linear in these sums, so nothing is lost by summing.
+the batch size. Attention work is linear in these sums; its *time* is not always (a decode
+kernel that does not split keys runs as long as its longest request), so the shape also
+carries the longest decode context, which is as cheap to collect as the sums.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ class BatchShape:
     prefill_tokens: int  # sum of n over prefill requests
     prefill_context: int  # sum of L over prefill requests (KV tokens read)
     prefill_pairs: int  # sum of causal query-key pairs over prefill requests
+    # Longest decode context (max L over decode requests; 0 without decode requests). The
+    # default keeps eight-argument construction working; ``decode`` and the builders fill it.
+    max_decode_context: int = 0
 
     @classmethod
     def from_scheduler_output(cls, out: SchedulerOutput) -> BatchShape:
@@ -64,9 +69,12 @@ class BatchShape:
                           len(num_new_tokens) if num_sampling is None else num_sampling)
 
     @classmethod
-    def decode(cls, batch_size: int, sum_context: int) -> BatchShape:
-        """A pure-decode step: ``batch_size`` requests, context lengths summing to ``sum_context``."""
-        return cls(batch_size, batch_size, batch_size, batch_size, sum_context, 0, 0, 0)
+    def decode(cls, batch_size: int, sum_context: int, max_context: int | None = None) -> BatchShape:
+        """A pure-decode step: ``batch_size`` requests, context lengths summing to ``sum_context``,
+        the longest ``max_context`` (default: equal contexts, ``ceil(sum_context / batch_size)``)."""
+        if max_context is None:
+            max_context = -(-sum_context // batch_size) if batch_size else 0
+        return cls(batch_size, batch_size, batch_size, batch_size, sum_context, 0, 0, 0, max_context)
 
     @classmethod
     def _build(cls, new: Sequence[int], computed: Sequence[int], num_sampling: int) -> BatchShape:
@@ -77,8 +85,10 @@ class BatchShape:
         num_decode = new.count(1)
         sum_computed = sum(computed)
         if num_decode == num_reqs:
-            return cls(num_reqs, num_reqs, num_sampling, num_reqs, sum_computed + num_reqs, 0, 0, 0)
+            return cls(num_reqs, num_reqs, num_sampling, num_reqs, sum_computed + num_reqs, 0, 0, 0,
+                       max(computed) + 1 if num_reqs else 0)
         p_tokens = p_computed = p_pairs = other_computed = 0
+        max_dec = -1
         for n, c in zip(new, computed):
             if n != 1:
                 other_computed += c
@@ -86,8 +96,11 @@ class BatchShape:
                     p_tokens += n
                     p_computed += c
                     p_pairs += n * c + n * (n + 1) // 2
+            elif c > max_dec:
+                max_dec = c
         return cls(num_reqs, num_decode + p_tokens, num_sampling, num_decode,
-                   sum_computed - other_computed + num_decode, p_tokens, p_computed + p_tokens, p_pairs)
+                   sum_computed - other_computed + num_decode, p_tokens, p_computed + p_tokens, p_pairs,
+                   max_dec + 1 if num_decode else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +118,18 @@ class CostModel(ABC):
     def step_time(self, batch: BatchShape) -> StepTiming:
         """Duration of one engine step running ``batch``; O(1) in the batch size."""
 
-    def decode_step_times(self, batch_size: int, sum_context: int, k: int) -> np.ndarray:
+    def decode_step_times(self, batch_size: int, sum_context: int, k: int,
+                          max_context: int | None = None) -> np.ndarray:
         """Durations of ``k`` consecutive pure-decode steps of ``batch_size`` requests.
 
         Step ``j`` has context lengths summing to ``sum_context + j * batch_size`` (every
-        request's context grows by one token a step). The simulator uses this to jump over
-        stretches where the batch composition does not change. This reference version
-        calls ``step_time``; subclasses vectorise it and must agree with it.
+        request's context grows by one token a step) and its longest context is
+        ``max_context + j`` (default: equal contexts, as ``BatchShape.decode``). The simulator
+        uses this to jump over stretches where the batch composition does not change. This
+        reference version calls ``step_time``; subclasses vectorise it and must agree with it.
         """
-        return np.array([self.step_time(BatchShape.decode(batch_size, sum_context + j * batch_size)).total
+        if max_context is None:
+            max_context = -(-sum_context // batch_size) if batch_size else 0
+        return np.array([self.step_time(BatchShape.decode(batch_size, sum_context + j * batch_size,
+                                                          max_context + j if batch_size else 0)).total
                          for j in range(k)], dtype=float)

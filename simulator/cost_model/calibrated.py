@@ -29,6 +29,33 @@ scatter, not only a grid, and several prefill chunks in one step sum correctly.
 
 The fixed per-step overhead is ``graph_s`` for a pure-decode step of at most
 ``graph_max_batch`` requests (replayed as a CUDA graph) and ``eager_s`` otherwise.
+
+Format v2 (``servelab-profile-v2``) keeps every v1 table but changes what three of them mean,
+because v1's sums did not describe our executor (see docs/validation.md)::
+
+      "attn_decode": {"batch": [...], "context": [...], "seconds": [...],   # grid, equal contexts
+                      "split_max_batch": 16, "latency_batch": 32},
+      "eager_floor": {"num_tokens": [...], "seconds": [...]},
+      "overhead": {"graph_s": ..., "graph_max_batch": 256, "graph_sizes": [1, 2, 4, ..., 256],
+                   "cpu_per_request_s": ..., "eager_s": ..., "eager_ref_reqs": 17}
+
+* Per-token tables are raw device times (no eager adjustment).
+* A pure-decode step of at most ``graph_max_batch`` requests replays the CUDA graph of the
+  next captured size (``graph_sizes``): its GEMMs and its attention run at that padded batch.
+* Decode attention is the measured grid (``batch`` x per-request ``context``), interpolated
+  piecewise-linearly in context along each batch line and linearly between batch lines, at
+  the batch's mean context. Graphs of at most ``split_max_batch`` rows split the keys; larger
+  ones (and eager steps) do not, so each program walks its request's whole context and the
+  kernel cannot end before its longest request: the time is at least the ``latency_batch``
+  line (the smallest non-split batch measured) at the batch's longest context.
+* Per-request host time (input preparation, the engine's update) is ``cpu_per_request_s``
+  per scheduled request, explicit instead of folded into attention.
+* An eager step is bound by the CPU launching its kernels: ``max(eager_floor(tokens),
+  device) + eager_s + cpu_per_request_s * (num_reqs - eager_ref_reqs)``, where
+  ``eager_floor`` is the measured wall time of serving-like eager steps (of
+  ``eager_ref_reqs`` requests) minus ``eager_s``, and ``eager_s`` the part of an eager step
+  that does not overlap the device (measured where the device time dominates). The part of
+  the floor not covered by device work is reported as ``cpu_overhead``.
 """
 from __future__ import annotations
 
@@ -42,7 +69,8 @@ import numpy as np
 
 from simulator.cost_model.base import BatchShape, CostModel, StepTiming
 
-PROFILE_FORMAT = "servelab-profile-v1"
+PROFILE_FORMAT = "servelab-profile-v2"
+PROFILE_FORMATS = ("servelab-profile-v1", PROFILE_FORMAT)
 _REQUIRED_TOKEN_OPS = ("qkv_proj", "o_proj", "mlp")
 _OPTIONAL_TOKEN_OPS = ("norm_rotary", "communication")
 
@@ -96,8 +124,9 @@ class CalibratedCostModel(CostModel):
     """Step times interpolated from a measured profile (see the module docstring)."""
 
     def __init__(self, profile: dict[str, Any]) -> None:
-        if profile.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"profile format must be {PROFILE_FORMAT!r}, got {profile.get('format')!r}")
+        if profile.get("format") not in PROFILE_FORMATS:
+            raise ValueError(f"profile format must be one of {PROFILE_FORMATS}, got {profile.get('format')!r}")
+        self.version = 2 if profile["format"] == PROFILE_FORMAT else 1
         self.model_name: str | None = profile.get("model")
         self.hardware_name: str | None = profile.get("hardware")
         self.tp, self.pp = int(profile.get("tp", 1)), int(profile.get("pp", 1))
@@ -110,8 +139,11 @@ class CalibratedCostModel(CostModel):
         smp = _section(profile, "sampling", ("num_rows", "seconds"))
         self._sampling = PiecewiseLinear(smp["num_rows"], smp["seconds"], "sampling")
 
-        dec = _section(profile, "attn_decode", ("batch", "total_context", "seconds"))
-        self._decode = _fit_linear([dec["batch"], dec["total_context"]], dec["seconds"], "attn_decode")
+        if self.version == 1:
+            dec = _section(profile, "attn_decode", ("batch", "total_context", "seconds"))
+            self._decode = _fit_linear([dec["batch"], dec["total_context"]], dec["seconds"], "attn_decode")
+        else:
+            self._init_v2(profile)
         pre = _section(profile, "attn_prefill", ("chunk_tokens", "context_len", "seconds"))
         n = np.asarray(pre["chunk_tokens"], dtype=float)
         ctx = np.asarray(pre["context_len"], dtype=float)
@@ -127,6 +159,102 @@ class CalibratedCostModel(CostModel):
         self.graph_overhead = float(over.get("graph_s", self.eager_overhead))
         self.graph_max_batch = int(over.get("graph_max_batch", 0))
 
+    def _init_v2(self, profile: dict[str, Any]) -> None:
+        dec = _section(profile, "attn_decode", ("batch", "context", "seconds"))
+        lines: dict[int, list[tuple[float, float]]] = {}
+        for b, c, t in zip(dec["batch"], dec["context"], dec["seconds"]):
+            lines.setdefault(int(b), []).append((float(c), float(t)))
+        self._dec_batches = sorted(lines)
+        self._dec_lines = [PiecewiseLinear([c for c, _ in sorted(lines[b])], [t for _, t in sorted(lines[b])],
+                                           f"attn_decode[batch={b}]") for b in self._dec_batches]
+        self.split_max_batch = int(dec.get("split_max_batch", 0))
+        lat = int(dec.get("latency_batch", 0))
+        self._latency_line = self._dec_lines[self._dec_batches.index(lat)] if lat in lines else None
+        over = profile.get("overhead") or {}
+        self.graph_sizes = sorted(int(x) for x in over.get("graph_sizes", []))
+        self.cpu_per_request = float(over.get("cpu_per_request_s", 0.0))
+        self.eager_ref_reqs = int(over.get("eager_ref_reqs", 0))
+        floor = profile.get("eager_floor")
+        self._eager_floor = (PiecewiseLinear(floor["num_tokens"], floor["seconds"], "eager_floor")
+                             if floor else None)
+
+    def _decode_grid(self, batch: float, context: float) -> float:
+        """The decode grid at ``batch`` rows of ``context`` each (see the module docstring)."""
+        bs, lines = self._dec_batches, self._dec_lines
+        if batch >= bs[-1]:
+            return lines[-1](context) * (batch / bs[-1])
+        if batch <= bs[0]:
+            return lines[0](context)
+        i = bisect.bisect_left(bs, batch)
+        hi = lines[i](context)
+        if bs[i] == batch:
+            return hi
+        lo = lines[i - 1](context)
+        return lo + (hi - lo) * ((batch - bs[i - 1]) / (bs[i] - bs[i - 1]))
+
+    def _attn_decode_v2(self, rows: int, num_decode: int, sum_context: float, max_context: float,
+                        split: bool) -> float:
+        t = self._decode_grid(rows, sum_context / num_decode)
+        if not split and self._latency_line is not None:
+            lat = self._latency_line(max_context)
+            if lat > t:
+                t = lat
+        return t
+
+    def _padded(self, n: int) -> int:
+        sizes = self.graph_sizes
+        i = bisect.bisect_left(sizes, n)
+        return sizes[i] if i < len(sizes) else n
+
+    def _step_time_v2(self, batch: BatchShape) -> StepTiming:
+        ops = self._token_ops
+        zero = 0.0
+        graph = batch.num_decode == batch.num_reqs and 0 < batch.num_reqs <= self.graph_max_batch
+        t = self._padded(batch.num_tokens) if graph else batch.num_tokens
+        if batch.prefill_tokens:
+            a, b, c, d = self._prefill
+            attn_p = a + b * batch.prefill_tokens + c * batch.prefill_context + d * batch.prefill_pairs
+            attn_p = attn_p if attn_p > zero else zero
+        else:
+            attn_p = zero
+        if batch.num_decode:
+            if graph:
+                attn_d = self._attn_decode_v2(t, batch.num_decode, batch.decode_context, batch.max_decode_context,
+                                              t <= self.split_max_batch)
+            else:
+                # One launch runs the prefill chunks' and the decode rows' programs side by side:
+                # it lasts at least their summed work and at least its longest program.
+                attn_d = self._decode_grid(batch.num_decode, batch.decode_context / batch.num_decode)
+                if self._latency_line is not None:
+                    lat = self._latency_line(batch.max_decode_context) - attn_p
+                    if lat > attn_d:
+                        attn_d = lat
+        else:
+            attn_d = zero
+        breakdown = {
+            "qkv_proj": ops["qkv_proj"](t) if t else zero,
+            "o_proj": ops["o_proj"](t) if t else zero,
+            "mlp": ops["mlp"](t) if t else zero,
+            "attn_prefill": attn_p,
+            "attn_decode": attn_d,
+            "lm_head": self._lm_head(batch.num_sampling) if batch.num_sampling else zero,
+            "norm_rotary": ops["norm_rotary"](t) if t and "norm_rotary" in ops else zero,
+            "sampling": self._sampling(batch.num_sampling) if batch.num_sampling else zero,
+            "communication": ops["communication"](t) if t and "communication" in ops else zero,
+        }
+        device = sum(breakdown.values())
+        if graph:
+            cpu = self.graph_overhead + self.cpu_per_request * batch.num_reqs
+        else:
+            cpu = self.eager_overhead + self.cpu_per_request * (batch.num_reqs - self.eager_ref_reqs)
+            if self._eager_floor is not None:
+                floor = self._eager_floor(batch.num_tokens)
+                if floor > device:  # the GPU waits for the launches
+                    cpu += floor - device
+            cpu = cpu if cpu > zero else zero
+        breakdown["cpu_overhead"] = cpu
+        return StepTiming(device + cpu, breakdown)
+
     @classmethod
     def from_file(cls, path: str | Path) -> CalibratedCostModel:
         return cls(json.loads(Path(path).read_text()))
@@ -136,6 +264,8 @@ class CalibratedCostModel(CostModel):
         return a + b * batch + c * context
 
     def step_time(self, batch: BatchShape) -> StepTiming:
+        if self.version == 2:
+            return self._step_time_v2(batch)
         t = batch.num_tokens
         ops = self._token_ops
         zero = 0.0
@@ -165,13 +295,53 @@ class CalibratedCostModel(CostModel):
         }
         return StepTiming(sum(breakdown.values()), breakdown)
 
-    def decode_step_times(self, batch_size: int, sum_context: int, k: int) -> np.ndarray:
+    def decode_step_times(self, batch_size: int, sum_context: int, k: int,
+                          max_context: int | None = None) -> np.ndarray:
         """Vectorised: in a pure-decode run only decode attention changes from step to step."""
         if k <= 0:
             return np.empty(0)
-        first = self.step_time(BatchShape.decode(batch_size, sum_context))
+        shape = BatchShape.decode(batch_size, sum_context, max_context)
+        first = self.step_time(shape)
         if batch_size == 0:
             return np.full(k, first.total)
+        if self.version == 2:
+            return self._decode_step_times_v2(batch_size, sum_context, k, first, shape.max_decode_context)
         context = sum_context + batch_size * np.arange(k, dtype=float)
         attn = np.maximum(self._attn_decode(batch_size, context), 0.0)
         return (first.total - attn[0]) + attn
+
+    def _decode_step_times_v2(self, batch_size: int, sum_context: int, k: int, first: StepTiming,
+                              max_context: int) -> np.ndarray:
+        """``step_time`` of the k steps with numpy, in the same float operations (so equal)."""
+        graph = batch_size <= self.graph_max_batch
+        if not graph:  # eager pure-decode steps: the launch floor makes the total non-additive
+            return np.array([self.step_time(BatchShape.decode(batch_size, sum_context + j * batch_size,
+                                                              max_context + j)).total for j in range(k)])
+        rows = self._padded(batch_size)
+        j = np.arange(k, dtype=float)
+        mean = (sum_context + batch_size * j) / batch_size
+        bs, lines = self._dec_batches, self._dec_lines
+        if rows >= bs[-1]:
+            attn = _pl_vec(lines[-1], mean) * (rows / bs[-1])
+        elif rows <= bs[0]:
+            attn = _pl_vec(lines[0], mean)
+        else:
+            i = bisect.bisect_left(bs, rows)
+            hi = _pl_vec(lines[i], mean)
+            if bs[i] == rows:
+                attn = hi
+            else:
+                lo = _pl_vec(lines[i - 1], mean)
+                attn = lo + (hi - lo) * ((rows - bs[i - 1]) / (bs[i] - bs[i - 1]))
+        if not (rows <= self.split_max_batch) and self._latency_line is not None:
+            attn = np.maximum(attn, _pl_vec(self._latency_line, max_context + j))
+        rest = first.total - first.breakdown["attn_decode"]
+        return rest + attn
+
+
+def _pl_vec(f: PiecewiseLinear, x: np.ndarray) -> np.ndarray:
+    """``PiecewiseLinear`` at many points, with the same arithmetic as its scalar call."""
+    xs = np.asarray(f.xs)
+    i = np.clip(np.searchsorted(xs, x, side="right") - 1, 0, len(f._slopes) - 1)
+    y = np.asarray(f.ys)[i] + np.asarray(f._slopes)[i] * (x - xs[i])
+    return np.maximum(y, 0.0)

@@ -170,8 +170,12 @@ class RooflineCostModel(CostModel):
         }
         return StepTiming(sum(breakdown.values()), breakdown)
 
-    def decode_step_times(self, batch_size: int, sum_context: int, k: int) -> np.ndarray:
-        """Vectorised: in a pure-decode run only decode attention changes from step to step."""
+    def decode_step_times(self, batch_size: int, sum_context: int, k: int,
+                          max_context: int | None = None) -> np.ndarray:
+        """Vectorised: in a pure-decode run only decode attention changes from step to step.
+
+        ``max_context`` is accepted for the interface and unused: the roofline's attention
+        reads every request's KV, so only the total context matters."""
         if k <= 0:
             return np.empty(0)
         first = self.step_time(BatchShape.decode(batch_size, sum_context))

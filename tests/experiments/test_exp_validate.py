@@ -28,7 +28,7 @@ PROFILES = sorted((REPO / "experiments" / "profiles").glob("*.json"))
 def test_committed_profile_plugs_into_make_cost_model(path: Path) -> None:
     assert path.stat().st_size < 2_000_000
     profile = json.loads(path.read_text())
-    assert profile["format"] == "servelab-profile-v1"
+    assert profile["format"] in ("servelab-profile-v1", "servelab-profile-v2")
     meta = profile["meta"]
     for key in ("device", "torch", "triton", "date"):
         assert meta.get(key), key
@@ -42,7 +42,16 @@ def test_committed_profile_plugs_into_make_cost_model(path: Path) -> None:
     p8k = cm.step_time(BatchShape.from_lists([8192], [8192])).total
     assert 0 < d1 < d64 < 0.1
     assert 0 < p512 < p8k < 1.0
-    assert cm.step_time(BatchShape.decode(8, 8 * 300)).breakdown["cpu_overhead"] == cm.graph_overhead
+    cpu = cm.step_time(BatchShape.decode(8, 8 * 300)).breakdown["cpu_overhead"]
+    if cm.version == 1:
+        assert cpu == cm.graph_overhead
+    else:  # v2: the per-request host time is explicit
+        assert cpu == pytest.approx(cm.graph_overhead + 8 * cm.cpu_per_request)
+        # the longest context matters above the split-K graphs, not below
+        assert (cm.step_time(BatchShape.decode(64, 64 * 1000, 8000)).total
+                > cm.step_time(BatchShape.decode(64, 64 * 1000)).total)
+        assert (cm.step_time(BatchShape.decode(8, 8 * 1000, 8000)).total
+                == cm.step_time(BatchShape.decode(8, 8 * 1000)).total)
 
 
 @pytest.mark.parametrize("path", PROFILES[:1], ids=[p.name for p in PROFILES[:1]])
@@ -170,3 +179,60 @@ def test_whole_pipeline_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     table = validate.compare(real, prof_path, tmp_path / "cmp", plots=False)
     assert set(table.case) == {"qps_overload"}
     assert (tmp_path / "cmp" / "errors.md").exists()
+
+
+V1_PROFILE = REPO / "experiments" / "profiles" / "qwen3_0_6b_h200.json"
+V2_PROFILE = REPO / "experiments" / "profiles" / "qwen3_0_6b_h200_v2.json"
+REAL_RUNS = REPO / "experiments" / "results" / "validation" / "real_h200"
+
+
+@pytest.mark.skipif(not V2_PROFILE.exists(), reason="no converted profile")
+def test_v2_from_v1_reproduces_the_committed_v2_profile() -> None:
+    """The committed v2 profile is ``--v2-from-v1`` of the committed v1 one (H200: 132 SMs;
+    Qwen3-0.6B: 8 KV heads)."""
+    from experiments.profile import v2_from_v1
+
+    again = v2_from_v1(json.loads(V1_PROFILE.read_text()), num_kv_heads=8, num_sms=132)
+    committed = json.loads(V2_PROFILE.read_text())
+    assert again["format"] == committed["format"] == "servelab-profile-v2"
+    assert again["attn_decode"] == committed["attn_decode"]
+    for key in ("overhead", "eager_floor", "per_token_ops"):
+        for field, value in committed[key].items():
+            assert again[key][field] == pytest.approx(value), (key, field)
+    # the decode points whose KV exceeded the profiling pool are gone, the split regime recorded
+    assert committed["attn_decode"]["split_max_batch"] == 16 and committed["attn_decode"]["latency_batch"] == 32
+    assert all(b * c <= 262144 for b, c in zip(committed["attn_decode"]["batch"], committed["attn_decode"]["context"]))
+
+
+def test_fit_eager_v2_holds_the_floor_where_the_device_dominates() -> None:
+    from experiments.profile import fit_eager_v2
+
+    v2 = {"overhead": {}}
+    diag = fit_eager_v2(v2, [100, 1000, 4000, 8000], [0.014, 0.015, 0.022, 0.052], [0.002, 0.004, 0.020, 0.050], 17)
+    assert diag["device_bound"] == [False, False, True, True]
+    assert v2["overhead"]["eager_s"] == pytest.approx(0.002)
+    assert v2["eager_floor"]["seconds"] == pytest.approx([0.012, 0.013, 0.013, 0.013])
+    assert v2["overhead"]["eager_ref_reqs"] == 17
+
+
+@pytest.mark.skipif(not (REAL_RUNS / "chunked_on" / "steps.parquet").exists(), reason="no committed real run")
+def test_replay_rebuilds_every_real_step_and_step_errors() -> None:
+    """The scheduler replayed on the real steps' start times gives every step's batch back."""
+    df = validate.replay_steps(REAL_RUNS / "chunked_on")
+    assert len(df) > 500 and df["match"].all()
+    assert (df["max_decode_context"] >= df["decode_context"] / df["num_decode"].clip(lower=1) - 1e-9).all()
+
+
+@pytest.mark.skipif(not V2_PROFILE.exists(), reason="no converted profile")
+def test_step_errors_table(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    (real / "chunked_on").mkdir(parents=True)
+    for f in ("case.json", "steps.parquet", "requests.parquet", "metrics.json"):
+        (real / "chunked_on" / f).write_bytes((REAL_RUNS / "chunked_on" / f).read_bytes())
+    steps, summary = validate.step_errors(real, {"v1": V1_PROFILE, "v2": V2_PROFILE})
+    assert set(summary["profile"]) == {"v1", "v2"} and set(summary["kind"]) == {"graph decode", "eager mixed"}
+    allrow = summary[(summary.case == "all") & (summary.kind == "eager mixed")].set_index("profile")
+    # chunked_on's eager steps: v1 adds attention to the launch time (+26%), v2 takes the max
+    assert allrow.loc["v1", "median_abs"] > 0.2 > 0.12 > allrow.loc["v2", "median_abs"]
+    md = validate.step_errors_markdown(summary)
+    assert "| **all** | eager mixed |" in md

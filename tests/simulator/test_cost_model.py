@@ -39,7 +39,8 @@ def brute_force_shape(new: list[int], computed: list[int], samples: list[bool]) 
     pre = [i for i, n in enumerate(new) if n > 1]
     pairs = sum(sum(computed[i] + j + 1 for j in range(new[i])) for i in pre)
     return BatchShape(len(new), sum(new), sum(samples), len(dec), sum(computed[i] + 1 for i in dec),
-                      sum(new[i] for i in pre), sum(computed[i] + new[i] for i in pre), pairs)
+                      sum(new[i] for i in pre), sum(computed[i] + new[i] for i in pre), pairs,
+                      max((computed[i] + 1 for i in dec), default=0))
 
 
 @pytest.mark.parametrize("new, computed, samples", [
@@ -317,3 +318,102 @@ def test_zero_blocks_and_bad_arguments() -> None:
         num_kv_blocks(LLAMA8, H100, gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="does not divide num_attention_heads"):
         num_kv_blocks(LLAMA8, H100, tp=3)
+
+
+# ---- Calibrated, format v2 -------------------------------------------------------------------
+
+def synthetic_profile_v2(**overrides) -> dict:
+    """v1's synthetic tables plus a decode grid (batch x per-request context), graph sizes,
+    a per-request CPU term and an eager launch floor."""
+    p = synthetic_profile()
+    p["format"] = "servelab-profile-v2"
+    grid = [(b, c) for b in (1, 8, 32, 64) for c in (128, 1024, 8192)]
+
+    def dec(b: int, c: int) -> float:
+        return 10e-6 + 2e-7 * b + 4e-11 * b * c
+
+    p["attn_decode"] = {"batch": [b for b, _ in grid], "context": [c for _, c in grid],
+                        "seconds": [dec(b, c) for b, c in grid], "split_max_batch": 8, "latency_batch": 32}
+    p["overhead"] = {"graph_s": 1e-3, "graph_max_batch": 64, "graph_sizes": [1, 2, 4, 8, 16, 32, 48, 64],
+                     "cpu_per_request_s": 5e-6, "eager_s": 2e-3, "eager_ref_reqs": 3}
+    p["eager_floor"] = {"num_tokens": [16, 1024, 8192], "seconds": [10e-3, 11e-3, 11e-3]}
+    p.update(overrides)
+    return p
+
+
+def test_v1_profiles_still_load_and_keep_their_model() -> None:
+    cm = CalibratedCostModel(synthetic_profile())
+    assert cm.version == 1
+    # v1 ignores the longest context
+    assert (cm.step_time(BatchShape.decode(32, 32 * 700, 9000)).total
+            == cm.step_time(BatchShape.decode(32, 32 * 700)).total)
+
+
+def test_v2_graph_decode_uses_the_padded_grid_and_the_latency_line() -> None:
+    cm = CalibratedCostModel(synthetic_profile_v2())
+    assert cm.version == 2
+
+    def dec(b: float, c: float) -> float:
+        return 10e-6 + 2e-7 * b + 4e-11 * b * c
+
+    # batch 8 (a split graph): the grid at (8, mean), whatever the longest context
+    t = cm.step_time(BatchShape.decode(8, 8 * 1024, 8000))
+    assert t.breakdown["attn_decode"] == pytest.approx(dec(8, 1024), rel=1e-12)
+    assert t.breakdown["cpu_overhead"] == pytest.approx(1e-3 + 8 * 5e-6)
+    # batch 20 replays the graph of 32: grid at (32, mean) unless the latency line is longer
+    t = cm.step_time(BatchShape.decode(20, 20 * 128, 128))
+    assert t.breakdown["attn_decode"] == pytest.approx(dec(32, 128), rel=1e-12)
+    assert t.breakdown["qkv_proj"] == pytest.approx(float(np.interp(32, [16, 128], [21.6e-6, 32.8e-6])), rel=1e-12)
+    t = cm.step_time(BatchShape.decode(20, 20 * 128, 8192))
+    assert t.breakdown["attn_decode"] == pytest.approx(dec(32, 8192), rel=1e-12)  # latency line at 8192
+    # between batch lines (48 between 32 and 64): linear in batch
+    t = cm.step_time(BatchShape.decode(48, 48 * 1024))
+    assert t.breakdown["attn_decode"] == pytest.approx((dec(32, 1024) + dec(64, 1024)) / 2, rel=1e-12)
+    assert t.total == pytest.approx(sum(t.breakdown.values()))
+
+
+def test_v2_eager_step_is_max_of_launch_floor_and_device() -> None:
+    cm = CalibratedCostModel(synthetic_profile_v2())
+    small = cm.step_time(BatchShape.from_lists([1, 1, 100], [50, 70, 100]))  # 3 requests = eager_ref_reqs
+    device = sum(v for k, v in small.breakdown.items() if k != "cpu_overhead")
+    floor = float(np.interp(102, [16, 1024], [10e-3, 11e-3]))
+    assert device < floor
+    assert small.total == pytest.approx(floor + 2e-3, rel=1e-12)
+    assert small.breakdown["cpu_overhead"] == pytest.approx(floor - device + 2e-3, rel=1e-12)
+    big = cm.step_time(BatchShape.from_lists([8192] + [1] * 9, [8192] + [100] * 9))  # 10 requests, device bound
+    device = sum(v for k, v in big.breakdown.items() if k != "cpu_overhead")
+    assert device > 11e-3
+    assert big.total == pytest.approx(device + 2e-3 + 7 * 5e-6, rel=1e-12)
+    # decode rows beside a prefill chunk share its launch: max(prefill + decode grid, latency line)
+    mixed = cm.step_time(BatchShape.from_lists([1, 16], [8192, 16]))
+    p = mixed.breakdown["attn_prefill"]
+    assert mixed.breakdown["attn_decode"] == pytest.approx(
+        max(10e-6 + 2e-7 + 4e-11 * 8192, 10e-6 + 2e-7 * 32 + 4e-11 * 32 * 8192 - p), rel=1e-12)
+    # a pure-decode batch above graph_max_batch runs eagerly
+    floor65 = float(np.interp(65, [16, 1024], [10e-3, 11e-3]))
+    assert cm.step_time(BatchShape.decode(65, 65 * 10)).total == pytest.approx(floor65 + 2e-3 + 62 * 5e-6, rel=1e-12)
+
+
+@pytest.mark.parametrize("batch_size, sum_context, max_context", [
+    (1, 17, None), (6, 6 * 700, 2000), (20, 20 * 300, 9000), (40, 40 * 3000, 3100), (64, 64 * 100, None),
+    (100, 100 * 50, 400),  # above graph_max_batch: eager
+])
+def test_v2_decode_step_times_equal_repeated_step_time(batch_size: int, sum_context: int,
+                                                       max_context: int | None) -> None:
+    cm = CalibratedCostModel(synthetic_profile_v2())
+    k = 150
+    fast = cm.decode_step_times(batch_size, sum_context, k, max_context)
+    m0 = BatchShape.decode(batch_size, sum_context, max_context).max_decode_context
+    slow = [cm.step_time(BatchShape.decode(batch_size, sum_context + j * batch_size, m0 + j)).total for j in range(k)]
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=0)
+    base = CalibratedCostModel(synthetic_profile_v2()).decode_step_times  # the default max = equal contexts
+    if max_context is None:
+        np.testing.assert_allclose(base(batch_size, sum_context, k), fast, rtol=1e-12, atol=0)
+
+
+def test_batch_shape_longest_decode_context() -> None:
+    assert BatchShape.decode(4, 10).max_decode_context == 3  # ceil(10 / 4): equal contexts
+    assert BatchShape.decode(4, 10, 7).max_decode_context == 7
+    assert BatchShape.decode(0, 0).max_decode_context == 0
+    assert BatchShape.from_lists([1, 1, 300], [50, 90, 400]).max_decode_context == 90
+    assert BatchShape.from_lists([300], [400]).max_decode_context == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,10 @@ CASES = {
                                   lengths="uniform", input_range=(16, 800), output_range=(8, 300), seed=4),
                    {"scheduler": SchedulerConfig(batching="orca", enable_chunked_prefill=False,
                                                  max_model_len=2048, max_num_batched_tokens=2048)}),
+    "calibrated_v2": (dataclasses.replace(SHAREGPT, rate=25.0),
+                      {"model": "Qwen3-0.6B", "hardware": "H200", "cost_model": "calibrated",
+                       "cost_model_options": {"profile": str(Path(__file__).parents[2] / "experiments" / "profiles"
+                                                             / "qwen3_0_6b_h200_v2_fused.json")}}),
     "priority_tp2": (dataclasses.replace(SHAREGPT, num_priorities=3),
                      {"scheduler": SchedulerConfig(policy="priority", max_model_len=4096), "num_gpu_blocks": 600,
                       "parallel": ParallelSpec(tp=2)}),
