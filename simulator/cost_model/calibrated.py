@@ -207,7 +207,6 @@ class CalibratedCostModel(CostModel):
         return sizes[i] if i < len(sizes) else n
 
     def _step_time_v2(self, batch: BatchShape) -> StepTiming:
-        ops = self._token_ops
         zero = 0.0
         graph = batch.num_decode == batch.num_reqs and 0 < batch.num_reqs <= self.graph_max_batch
         t = self._padded(batch.num_tokens) if graph else batch.num_tokens
@@ -231,17 +230,7 @@ class CalibratedCostModel(CostModel):
                         attn_d = lat
         else:
             attn_d = zero
-        breakdown = {
-            "qkv_proj": ops["qkv_proj"](t) if t else zero,
-            "o_proj": ops["o_proj"](t) if t else zero,
-            "mlp": ops["mlp"](t) if t else zero,
-            "attn_prefill": attn_p,
-            "attn_decode": attn_d,
-            "lm_head": self._lm_head(batch.num_sampling) if batch.num_sampling else zero,
-            "norm_rotary": ops["norm_rotary"](t) if t and "norm_rotary" in ops else zero,
-            "sampling": self._sampling(batch.num_sampling) if batch.num_sampling else zero,
-            "communication": ops["communication"](t) if t and "communication" in ops else zero,
-        }
+        breakdown = self._device_breakdown(t, batch.num_sampling, attn_p, attn_d)
         device = sum(breakdown.values())
         if graph:
             cpu = self.graph_overhead + self.cpu_per_request * batch.num_reqs
@@ -255,6 +244,22 @@ class CalibratedCostModel(CostModel):
         breakdown["cpu_overhead"] = cpu
         return StepTiming(device + cpu, breakdown)
 
+    def _device_breakdown(self, t: int, rows: int, attn_p: float, attn_d: float) -> dict[str, float]:
+        """GPU time per op (both profile versions) for ``t`` tokens (padded to the graph size in
+        a graph step), ``rows`` sampling rows and the given attention times."""
+        ops = self._token_ops
+        return {
+            "qkv_proj": ops["qkv_proj"](t) if t else 0.0,
+            "o_proj": ops["o_proj"](t) if t else 0.0,
+            "mlp": ops["mlp"](t) if t else 0.0,
+            "attn_prefill": attn_p,
+            "attn_decode": attn_d,
+            "lm_head": self._lm_head(rows) if rows else 0.0,
+            "norm_rotary": ops["norm_rotary"](t) if t and "norm_rotary" in ops else 0.0,
+            "sampling": self._sampling(rows) if rows else 0.0,
+            "communication": ops["communication"](t) if t and "communication" in ops else 0.0,
+        }
+
     @classmethod
     def from_file(cls, path: str | Path) -> CalibratedCostModel:
         return cls(json.loads(Path(path).read_text()))
@@ -266,8 +271,6 @@ class CalibratedCostModel(CostModel):
     def step_time(self, batch: BatchShape) -> StepTiming:
         if self.version == 2:
             return self._step_time_v2(batch)
-        t = batch.num_tokens
-        ops = self._token_ops
         zero = 0.0
         if batch.num_decode:
             attn_d = self._attn_decode(batch.num_decode, batch.decode_context)
@@ -281,18 +284,8 @@ class CalibratedCostModel(CostModel):
         else:
             attn_p = zero
         graph = batch.num_decode == batch.num_reqs and batch.num_reqs <= self.graph_max_batch
-        breakdown = {
-            "qkv_proj": ops["qkv_proj"](t) if t else zero,
-            "o_proj": ops["o_proj"](t) if t else zero,
-            "mlp": ops["mlp"](t) if t else zero,
-            "attn_prefill": attn_p,
-            "attn_decode": attn_d,
-            "lm_head": self._lm_head(batch.num_sampling) if batch.num_sampling else zero,
-            "norm_rotary": ops["norm_rotary"](t) if t and "norm_rotary" in ops else zero,
-            "sampling": self._sampling(batch.num_sampling) if batch.num_sampling else zero,
-            "communication": ops["communication"](t) if t and "communication" in ops else zero,
-            "cpu_overhead": self.graph_overhead if graph else self.eager_overhead,
-        }
+        breakdown = self._device_breakdown(batch.num_tokens, batch.num_sampling, attn_p, attn_d)
+        breakdown["cpu_overhead"] = self.graph_overhead if graph else self.eager_overhead
         return StepTiming(sum(breakdown.values()), breakdown)
 
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
