@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import math
 from array import array
-from dataclasses import dataclass
 
 from core.sampling_params import SamplingParams
 

@@ -689,13 +689,12 @@ def main(argv: list[str] | None = None) -> None:
                  max_model_len=args.max_model_len, clip_len=args.clip_len, max_duration=args.max_duration,
                  warmup=not args.no_warmup)
     elif args.phase == "compare":
-        table = compare(Path(args.real), Path(args.profile), Path(args.out),
+        compare(Path(args.real), Path(args.profile), Path(args.out),
                         cases=_case_list(args.case) if args.case else None, plots=not args.no_plots,
                         sim_root=Path(args.sim_dir) if args.sim_dir else None,
                         baseline_profile=Path(args.baseline_profile) if args.baseline_profile else None)
         summary = json.loads((Path(args.out) / "summary.json").read_text())
         print(json.dumps(summary, indent=1))
-        del table
     elif args.phase == "steps":
         profiles = dict(spec.split("=", 1) for spec in args.profile)
         _, summary = step_errors(Path(args.real), {k: Path(v) for k, v in profiles.items()})
