@@ -57,7 +57,7 @@ class RealBackend:
                         num_gpu_blocks: int | None = None, num_cpu_blocks: int | None = None,
                         swap_space: float | None = None, enforce_eager: bool = False,
                         cuda_graph_sizes: list[int] | None = None, enable_prefix_caching: bool = True,
-                        seed: int | None = 0, **runner_options: Any) -> RealBackend:
+                        seed: int | None = 0, tp: Any | None = None, **runner_options: Any) -> RealBackend:
         """Load ``model`` (a directory, or an already loaded model) and size its KV cache.
 
         The host pool for swap preemption holds ``num_cpu_blocks`` blocks, or ``swap_space``
@@ -65,13 +65,15 @@ class RealBackend:
         'swap'`` (``DEFAULT_SWAP_SPACE_GB``, at most as many blocks as the GPU pool).
         ``runner_options`` go to ``ModelRunner`` (``emulate_cuda_graphs``: run the CUDA-graph
         path's padded layout eagerly on a CPU, a testing aid; ``attention_num_splits``: force
-        the decode graphs' split-K factor).
+        the decode graphs' split-K factor). ``tp``: a tensor-parallel group
+        (``executor.parallel``): load this rank's shard only; use ``create_engine`` /
+        ``LLM`` on rank 0, which also start the other ranks' shards.
         """
         sched = scheduler_config or SchedulerConfig()
         if isinstance(model, LoadedModel):
             loaded = model
         else:
-            loaded = load_model(model, dtype=dtype, device=resolve_device(device))
+            loaded = load_model(model, dtype=dtype, device=resolve_device(device), tp=tp)
         block_bytes = memory.kv_block_bytes(loaded.config, block_size)
         runner = ModelRunner(loaded, block_size=block_size, max_num_seqs=sched.max_num_seqs,
                              max_num_batched_tokens=sched.max_num_batched_tokens,
@@ -134,10 +136,24 @@ def _host_blocks(num_cpu_blocks: int | None, swap_space: float | None, sched: Sc
 
 
 def create_engine(model: str | Path | LoadedModel, scheduler_config: SchedulerConfig | None = None,
-                  record_steps: bool = True, **backend_kwargs: Any) -> EngineCore:
-    """A core ``EngineCore`` driving a ``RealBackend`` (already bound to its request table)."""
+                  record_steps: bool = True, tensor_parallel_size: int | None = None,
+                  **backend_kwargs: Any) -> EngineCore:
+    """A core ``EngineCore`` driving a ``RealBackend`` (already bound to its request table).
+
+    ``tensor_parallel_size``: shard the model over that many processes (this one is rank 0;
+    start them with ``python -m executor.parallel.launch --tp N -- ...`` or torchrun). None:
+    the launcher's group when there is one, else a single process. The backend is then an
+    ``executor.parallel.worker.TPDriverBackend``."""
     sched = scheduler_config or SchedulerConfig()
-    backend = RealBackend.from_pretrained(model, scheduler_config=sched, **backend_kwargs)
+    from executor.parallel.state import resolve_tp_group
+
+    tp = resolve_tp_group(tensor_parallel_size)
+    if tp is not None:
+        from executor.parallel.worker import make_tp_backend
+
+        backend = make_tp_backend(model, sched, tp, **backend_kwargs)
+    else:
+        backend = RealBackend.from_pretrained(model, scheduler_config=sched, **backend_kwargs)
     engine = EngineCore(sched, backend.cache_config, backend, eos_token_id=backend.eos_token_id,
                         record_steps=record_steps)
     backend.bind(engine.scheduler.requests)

@@ -92,7 +92,8 @@ class LLM:
                  preemption_mode: str = "recompute", long_prefill_token_threshold: int = 0,
                  watermark: float = 0.01, swap_space: float | None = None, num_cpu_blocks: int | None = None,
                  cuda_graph_sizes: list[int] | None = None, seed: int | None = 0,
-                 tokenizer: Any | None = None, **runner_options: Any) -> None:
+                 tokenizer: Any | None = None, tensor_parallel_size: int | None = None,
+                 **runner_options: Any) -> None:
         self.device = resolve_device(device)
         config = load_config(model, dtype)  # fails early, naming the path, if it is not a model
         if max_model_len is None:
@@ -105,15 +106,27 @@ class LLM:
             max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill,
             long_prefill_token_threshold=long_prefill_token_threshold, policy=policy, batching=batching,
             preemption_mode=preemption_mode, watermark=watermark)
-        loaded = load_model(model, dtype=dtype, device=self.device)
-        self.model_config = loaded.config
-        self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
-        self.backend = RealBackend.from_pretrained(
-            loaded, scheduler_config=self.scheduler_config, block_size=block_size,
-            gpu_memory_utilization=gpu_memory_utilization, num_gpu_blocks=num_gpu_blocks,
+        backend_kwargs = dict(
+            block_size=block_size, gpu_memory_utilization=gpu_memory_utilization, num_gpu_blocks=num_gpu_blocks,
             num_cpu_blocks=num_cpu_blocks, swap_space=swap_space, enforce_eager=enforce_eager,
             cuda_graph_sizes=cuda_graph_sizes, enable_prefix_caching=enable_prefix_caching, seed=seed,
             **runner_options)
+        from executor.parallel.state import resolve_tp_group
+
+        tp = resolve_tp_group(tensor_parallel_size)
+        if tp is None:
+            loaded = load_model(model, dtype=dtype, device=self.device)
+            self.backend = RealBackend.from_pretrained(loaded, scheduler_config=self.scheduler_config,
+                                                       **backend_kwargs)
+        else:  # tensor parallel: every rank loads its shard (executor.parallel)
+            from executor.parallel.worker import make_tp_backend
+
+            self.backend = make_tp_backend(model, self.scheduler_config, tp, dtype=dtype, device=self.device,
+                                           **backend_kwargs)
+            loaded = self.backend.loaded
+        # The checkpoint's config (under TP ``loaded.config`` is the rank's shard view).
+        self.model_config = loaded.config if tp is None else loaded.model.config
+        self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         cache = self.backend.cache_config
         if cache.num_gpu_blocks * cache.block_size < max_model_len:
             raise ValueError(

@@ -92,13 +92,19 @@ def load_tokenizer(path: str | Path) -> Any | None:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the model for ``path`` in ``dtype`` (default: the checkpoint's) on ``device``."""
+               device: str | torch.device = "cpu", tp: Any | None = None) -> LoadedModel:
+    """Build the model for ``path`` in ``dtype`` (default: the checkpoint's) on ``device``.
+
+    ``tp`` (an ``executor.parallel.state.TPGroup`` of more than one rank): build and load only
+    this rank's tensor-parallel shard; ``LoadedModel.config`` is then the shard's config (local
+    head counts and intermediate size, the full vocabulary)."""
     path = Path(path)
     config = load_config(path, dtype)
     files = safetensors_files(path)
+    sharded = tp is not None and tp.world_size > 1
     with torch.device("meta"):
-        model = get_model_class(config.architecture)(config)
+        model_cls = get_model_class(config.architecture)
+        model = model_cls(config, tp=tp) if sharded else model_cls(config)
     model = model.to(dtype=config.dtype).to_empty(device=device)
     model.init_buffers()
     try:
@@ -106,4 +112,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     model.requires_grad_(False).eval()  # inference only: no autograd graphs, in-place kernels allowed
+    if sharded:
+        config = model.shard_config
     return LoadedModel(model=model, config=config, tokenizer=load_tokenizer(path), path=path)

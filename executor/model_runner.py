@@ -123,6 +123,10 @@ class ModelRunner:
                  attention_num_splits: int | None = None) -> None:
         self.model = loaded.model
         self.config: ModelConfig = loaded.config
+        # Tensor parallelism (``executor.parallel``): every rank runs every step on its shard;
+        # rank 0 (the driver) samples, the others stop after the logits all-gather.
+        self.tp = getattr(self.model, "tp", None)
+        self.is_driver = self.tp is None or self.tp.rank == 0
         self.device = next(self.model.parameters()).device
         self.is_cuda = self.device.type == "cuda"
         cfg = self.config
@@ -149,7 +153,7 @@ class ModelRunner:
         embed = getattr(getattr(self.model, "model", None), "embed_tokens", None)
         # The LM-head weight, so logits stay in the model dtype (the sampler upcasts only
         # where it needs to); None falls back to ``model.compute_logits``.
-        self._lm_head_weight = (lm_head.weight if lm_head is not None else
+        self._lm_head_weight = (None if self.tp is not None else lm_head.weight if lm_head is not None else
                                 embed.weight if embed is not None else None)
         self.requests: dict[str, Request] = {}
         self.stats = RunnerStats()
@@ -177,6 +181,8 @@ class ModelRunner:
                 num_gpu_blocks = self.memory_profile.num_blocks
             else:
                 num_gpu_blocks = memory.default_cpu_num_blocks(self.block_bytes, self.max_blocks_per_seq)
+        if self.tp is not None:  # every rank's shard must hold the same block ids: the smallest pool
+            num_gpu_blocks = self.tp.min_int(num_gpu_blocks)
         if num_gpu_blocks < 1:
             detail = f": {self.memory_profile.describe()}" if self.memory_profile else ""
             raise ValueError(f"no room for a KV cache{detail}; raise gpu_memory_utilization, lower "
@@ -618,7 +624,16 @@ class ModelRunner:
         else:
             hidden = hidden.index_select(0, d[o_lidx:o_lidx + num_sample])
         weight = self._lm_head_weight
-        logits = torch.nn.functional.linear(hidden, weight) if weight is not None else self.model.compute_logits(hidden)
+        if weight is not None:
+            logits = torch.nn.functional.linear(hidden, weight)
+        elif self.tp is not None:
+            logits = self.model.logits(hidden)  # all-gathered over the tensor-parallel group
+            if not self.is_driver:  # a tensor-parallel worker: rank 0 samples
+                self.stats.steps += 1
+                self.stats.tokens += num_tokens
+                return StepResult([[] for _ in range(num_reqs)], time.perf_counter() - t_start)
+        else:
+            logits = self.model.compute_logits(hidden)
         tokens = sample(logits, batch)
         if is_cuda:
             ev_end.record()

@@ -12,6 +12,7 @@ fused into one matmul each; checkpoint tensors are copied into their slice at lo
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +28,35 @@ from executor.layers import (
     silu_and_mul,
 )
 
+if TYPE_CHECKING:
+    from executor.parallel.state import TPGroup
+
 # Checkpoint tensors that carry no weights (old Llama checkpoints saved the RoPE table).
 _IGNORED_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
 
+def _row_linear(in_features: int, out_features: int, bias: bool, tp: TPGroup | None) -> nn.Linear:
+    """``nn.Linear``, or its row-parallel twin (all-reduce after it) under tensor parallelism;
+    ``in_features`` is then this rank's slice (the shard config's sizes)."""
+    if tp is None or tp.world_size == 1:
+        return nn.Linear(in_features, out_features, bias=bias)
+    from executor.parallel.layers import RowParallelLinear
+
+    return RowParallelLinear(in_features, out_features, bias, tp)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
+    """``config`` is the rank's shard config under tensor parallelism (local head counts)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = _row_linear(self.q_size, config.hidden_size, config.o_proj_bias, tp)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary_emb = rotary_emb  # shared by all layers; a buffer-only module
@@ -73,22 +90,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = _row_linear(config.intermediate_size, config.hidden_size, config.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +122,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if tp is None or tp.world_size == 1:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            from executor.parallel.layers import VocabParallelEmbedding
+
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, self.rotary_emb)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, self.rotary_emb, tp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -132,12 +155,25 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     )
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
+        """``tp``: the tensor-parallel group this rank's shard belongs to (None: the whole
+        model). Under tensor parallelism ``shard_config`` has the local head counts and
+        intermediate size; ``config`` stays the checkpoint's."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.tp = tp if tp is not None and tp.world_size > 1 else None
+        self.shard_plan = None
+        self.shard_config = config
+        vocab_rows = config.vocab_size
+        if self.tp is not None:
+            from executor.parallel.layers import shard_config, shard_plan
+
+            self.shard_plan = shard_plan(config, self.tp)
+            self.shard_config = shard_config(config, self.shard_plan)
+            vocab_rows = self.shard_plan.vocab_shard
+        self.model = LlamaModel(self.shard_config, self.tp)
         self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else nn.Linear(config.hidden_size, vocab_rows, bias=False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -147,12 +183,21 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in fp32 for the rows that sample (usually each request's last
         token), so the LM head runs only where needed and sampling sees full precision."""
+        return self.logits(hidden).float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [N, vocab] in the model dtype (gathered from every rank's
+        vocabulary shard under tensor parallelism)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.tp is not None:
+            from executor.parallel.layers import gather_logits
+
+            return gather_logits(hidden, weight, self.config.vocab_size, self.tp)
+        return F.linear(hidden, weight)
 
     def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Hand each layer its (k_cache, v_cache), each [num_blocks, block_size, Hk, D]."""
-        cfg = self.config
+        cfg = self.shard_config
         if len(kv_caches) != cfg.num_hidden_layers:
             raise ValueError(f"got {len(kv_caches)} KV caches for {cfg.num_hidden_layers} layers")
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.model.layers, kv_caches)):
@@ -173,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
         Unfused tensors fill their whole parameter; q/k/v and gate/up fill row ranges of
         the fused projections (weights and biases alike, both split along dim 0).
         """
-        cfg = self.config
+        cfg = self.shard_config  # local sizes under tensor parallelism
         shard_rows = {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
                       "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
         targets: dict[str, tuple[torch.Tensor, int, int]] = {}
@@ -183,8 +228,38 @@ class LlamaForCausalLM(nn.Module):
                 rows = shard_rows[fused]
                 targets[name.replace(fused, ckpt)] = (param, sum(rows[:idx]), rows[idx])
             if not shards:
-                targets[name] = (param, 0, param.shape[0])
+                rows = param.shape[0]
+                if self.shard_plan is not None and name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                    rows = self.shard_plan.vocab_rows(self.config.vocab_size)  # the last shard is padded
+                targets[name] = (param, 0, rows)
         return targets
+
+    def checkpoint_narrows(self) -> dict[str, tuple[int, int, int]]:
+        """Under tensor parallelism: checkpoint tensor name -> (dim, start, length) of the
+        slice this rank loads (column-parallel rows, row-parallel columns, its KV heads,
+        its vocabulary rows); tensors not listed (norms, row-parallel biases) load whole."""
+        plan = self.shard_plan
+        if plan is None:
+            return {}
+        cfg, d = self.config, self.config.head_dim
+        q_local, kv_local, i_local = plan.num_heads * d, plan.num_kv_heads * d, plan.intermediate
+        narrows: dict[str, tuple[int, int, int]] = {}
+        for name in self.checkpoint_targets():
+            leaf = name.split(".")[-2]
+            is_weight = name.endswith(".weight")
+            if leaf == "q_proj":
+                narrows[name] = (0, plan.rank * q_local, q_local)
+            elif leaf in ("k_proj", "v_proj"):
+                narrows[name] = (0, plan.kv_head_start * d, kv_local)
+            elif leaf in ("gate_proj", "up_proj"):
+                narrows[name] = (0, plan.rank * i_local, i_local)
+            elif leaf == "o_proj" and is_weight:
+                narrows[name] = (1, plan.rank * q_local, q_local)
+            elif leaf == "down_proj" and is_weight:
+                narrows[name] = (1, plan.rank * i_local, i_local)
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                narrows[name] = (0, plan.vocab_start, plan.vocab_rows(cfg.vocab_size))
+        return narrows
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into the parameters (casting to the model dtype/device).
@@ -193,6 +268,12 @@ class LlamaForCausalLM(nn.Module):
         checkpoint fails at load time rather than producing garbage.
         """
         targets = self.checkpoint_targets()
+        narrows = self.checkpoint_narrows()
+        if self.shard_plan is not None:  # zero the padding rows of the last vocabulary shard
+            with torch.no_grad():
+                for name, (param, _, rows) in targets.items():
+                    if rows < param.shape[0] and name in ("model.embed_tokens.weight", "lm_head.weight"):
+                        param[rows:].zero_()
         loaded: set[str] = set()
         unexpected: list[str] = []
         for name, tensor in weights:
@@ -202,6 +283,9 @@ class LlamaForCausalLM(nn.Module):
                 unexpected.append(name)
                 continue
             param, offset, rows = targets[name]
+            if name in narrows:
+                dim, start, length = narrows[name]
+                tensor = tensor.narrow(dim, start, length)
             expected = (rows, *param.shape[1:])
             if tuple(tensor.shape) != expected:
                 raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {expected}")
