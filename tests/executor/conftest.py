@@ -5,7 +5,7 @@ uniform and RoPE / masking mistakes move the logits well above the tolerance).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,3 +74,12 @@ def family_case(request: pytest.FixtureRequest, make_tiny_model: Callable[..., P
     arch, overrides = FAMILY_CASES[request.param]
     path = make_tiny_model(arch, overrides)
     return FamilyCase(name=request.param, path=path, ours=load_model(path), hf=_load_hf(path))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls on a shared 2-core CI box: OpenMP spinning across threads costs ~50x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

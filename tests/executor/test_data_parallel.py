@@ -7,7 +7,7 @@ each replica in its own process (``ProcessReplica``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,14 +23,6 @@ from executor.dp import EngineFactory, ProcessReplica, run_online_dp
 SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=256)
 ENGINE_KW = {"num_gpu_blocks": 64, "device": "cpu"}
 LENGTHS = [6, 9, 4, 7, 5, 8, 3, 6]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

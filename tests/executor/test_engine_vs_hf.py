@@ -7,7 +7,7 @@ references of the kernels) and, where a GPU is present, on it (Triton kernels, C
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,6 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2-sliding": ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8,
                                            "max_window_layers": 1}),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared CI box: OpenMP spinning across threads costs 50x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ and chunked prefill + swap preemption + the CUDA-graph padded layout (emulated) 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,6 @@ CASES: dict[str, tuple[str, dict[str, Any], list[list[int]], list[int], dict[str
         "cuda_graph_sizes": [1, 2, 4]}),
 }
 TP4_CASES = ("llama-gqa", "qwen3-qknorm-tied")  # tp=4 > 2 KV heads: replicated
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
