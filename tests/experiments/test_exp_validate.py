@@ -112,7 +112,9 @@ def test_refit_eager_reproduces_the_committed_profile() -> None:
         pytest.skip("profile was written by the current profile.py (no refit needed)")
     again = refit_eager_from_meta(json.loads(json.dumps(profile)))
     assert again["overhead"] == profile["overhead"]
-    assert again["per_token_ops"] == pytest.approx(profile["per_token_ops"])
+    assert again["per_token_ops"].keys() == profile["per_token_ops"].keys()
+    for op, values in profile["per_token_ops"].items():  # numpy versions may differ in the last bits
+        assert again["per_token_ops"][op] == pytest.approx(values, rel=1e-9), op
 
 
 @pytest.mark.skipif(not PROFILES, reason="no committed profile")
