@@ -210,12 +210,7 @@ class CalibratedCostModel(CostModel):
         zero = 0.0
         graph = batch.num_decode == batch.num_reqs and 0 < batch.num_reqs <= self.graph_max_batch
         t = self._padded(batch.num_tokens) if graph else batch.num_tokens
-        if batch.prefill_tokens:
-            a, b, c, d = self._prefill
-            attn_p = a + b * batch.prefill_tokens + c * batch.prefill_context + d * batch.prefill_pairs
-            attn_p = attn_p if attn_p > zero else zero
-        else:
-            attn_p = zero
+        attn_p = self._attn_prefill(batch)
         if batch.num_decode:
             if graph:
                 attn_d = self._attn_decode_v2(t, batch.num_decode, batch.decode_context, batch.max_decode_context,
@@ -243,6 +238,14 @@ class CalibratedCostModel(CostModel):
             cpu = cpu if cpu > zero else zero
         breakdown["cpu_overhead"] = cpu
         return StepTiming(device + cpu, breakdown)
+
+    def _attn_prefill(self, batch: BatchShape) -> float:
+        """The prefill plane ``a + b*tokens + c*context + d*causal_pairs`` (0 without prefill)."""
+        if not batch.prefill_tokens:
+            return 0.0
+        a, b, c, d = self._prefill
+        t = a + b * batch.prefill_tokens + c * batch.prefill_context + d * batch.prefill_pairs
+        return t if t > 0.0 else 0.0
 
     def _device_breakdown(self, t: int, rows: int, attn_p: float, attn_d: float) -> dict[str, float]:
         """GPU time per op (both profile versions) for ``t`` tokens (padded to the graph size in
@@ -277,12 +280,7 @@ class CalibratedCostModel(CostModel):
             attn_d = attn_d if attn_d > zero else zero
         else:
             attn_d = zero
-        if batch.prefill_tokens:
-            a, b, c, d = self._prefill
-            attn_p = a + b * batch.prefill_tokens + c * batch.prefill_context + d * batch.prefill_pairs
-            attn_p = attn_p if attn_p > zero else zero
-        else:
-            attn_p = zero
+        attn_p = self._attn_prefill(batch)
         graph = batch.num_decode == batch.num_reqs and batch.num_reqs <= self.graph_max_batch
         breakdown = self._device_breakdown(batch.num_tokens, batch.num_sampling, attn_p, attn_d)
         breakdown["cpu_overhead"] = self.graph_overhead if graph else self.eager_overhead
