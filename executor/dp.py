@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.engine import EngineCore
-from core.request import Request, RequestStatus
+from core.request import Request
 from core.router import Router, make_router
 from core.stats import StepStats
+from executor.online import add_or_reject
 
 
 @dataclass
@@ -147,13 +148,7 @@ def _replica_main(factory: Callable[[int], EngineCore], index: int, t0: Any, inb
             if msg is None:
                 done = True
                 continue
-            req: Request = msg
-            try:
-                engine.add_request(req)
-            except ValueError:
-                req.status = RequestStatus.FINISHED_ABORTED
-                req.finish_time = req.arrival_time
-                rejected.append(req)
+            add_or_reject(engine.add_request, msg, rejected)
         if engine.has_unfinished():
             out = engine.step(time.time() - t0.value)
             num_steps += 1
@@ -287,14 +282,7 @@ def run_online_dp(replicas: Sequence[EngineCore | ProcessReplica], requests: Ite
             idx = rt.route(req, views)
             req.replica = idx
             per_replica[idx] += 1
-            try:
-                views[idx].add(req)
-            except ValueError:
-                if not reject_invalid:
-                    raise
-                req.status = RequestStatus.FINISHED_ABORTED
-                req.finish_time = req.arrival_time
-                rejected.append(req)
+            add_or_reject(views[idx].add, req, rejected, reject_invalid)
         busy = [v for v in local if v.busy()]
         if not busy:
             if i < total:

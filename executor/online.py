@@ -33,6 +33,20 @@ class OnlineResult:
     num_steps: int = 0
 
 
+def add_or_reject(add: Callable[[Request], None], req: Request, rejected: list[Request],
+                  reject_invalid: bool = True) -> None:
+    """Add ``req``; a request the core refuses (ValueError) is marked aborted at its arrival and
+    listed in ``rejected`` instead of stopping the run, unless ``reject_invalid`` is False."""
+    try:
+        add(req)
+    except ValueError:
+        if not reject_invalid:
+            raise
+        req.status = RequestStatus.FINISHED_ABORTED
+        req.finish_time = req.arrival_time
+        rejected.append(req)
+
+
 def run_online(engine: EngineCore, requests: Iterable[Request], *,
                clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
                reject_invalid: bool = True, max_duration: float | None = None,
@@ -65,14 +79,7 @@ def run_online(engine: EngineCore, requests: Iterable[Request], *,
         while i < n and pending[i].arrival_time <= now:
             req = pending[i]
             i += 1
-            try:
-                engine.add_request(req)
-            except ValueError:
-                if not reject_invalid:
-                    raise
-                req.status = RequestStatus.FINISHED_ABORTED
-                req.finish_time = req.arrival_time
-                rejected.append(req)
+            add_or_reject(engine.add_request, req, rejected, reject_invalid)
         if not engine.has_unfinished():
             if i < n:
                 wait = pending[i].arrival_time - (clock() - t0)

@@ -54,18 +54,6 @@ class Replica:
         self._busy_until = 0.0
         self.process = sim.env.process(self._run())
 
-    # the router reads these
-    @property
-    def num_waiting(self) -> int:
-        return self.engine.num_waiting
-
-    @property
-    def num_running(self) -> int:
-        return self.engine.num_running
-
-    def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
-        return self.engine.cached_prefix_tokens(prompt_token_ids)
-
     def add(self, request: Request) -> None:
         self.sync(self.sim.env.now)
         self.engine.add_request(request)
@@ -167,6 +155,7 @@ class Simulation:
         self.num_events = 0
         self.replicas = [Replica(self, i, e, e.backend) for i, e in enumerate(engines)]
         self.router = make_router(router, len(engines))
+        self._engines = list(engines)
         self.think_time = think_time
         self.stop_issuing_at = stop_issuing_at  # closed loop: users issue nothing at or after this time
         self.num_not_issued = 0
@@ -223,7 +212,7 @@ class Simulation:
             _, _, req = heapq.heappop(arrivals)
             for rep in replicas:
                 rep.sync(env.now)
-            idx = self.router.route(req, replicas)
+            idx = self.router.route(req, self._engines)  # EngineCore is the router's ReplicaView
             req.replica = idx
             replicas[idx].add(req)
 
