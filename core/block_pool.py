@@ -42,22 +42,6 @@ class FreeBlockQueue:
         self.remove(block)
         return block
 
-    def popleft_n(self, n: int) -> list[KVCacheBlock]:
-        """The first ``n`` blocks, unlinked with one splice (admission takes dozens at once)."""
-        if n > self.num_free_blocks:
-            raise RuntimeError(f"FreeBlockQueue.popleft_n({n}) with {self.num_free_blocks} free")
-        out = []
-        block = self._head.next
-        for _ in range(n):
-            out.append(block)
-            nxt = block.next
-            block.prev = block.next = None
-            block = nxt
-        self._head.next = block
-        block.prev = self._head
-        self.num_free_blocks -= n
-        return out
-
     def remove(self, block: KVCacheBlock) -> None:
         prev, nxt = block.prev, block.next
         if prev is None or nxt is None:
@@ -111,13 +95,50 @@ class BlockPool:
         queue = self.free_block_queue
         if n > queue.num_free_blocks:
             raise RuntimeError(f"cannot get {n} blocks: only {self.num_free_blocks} free")
-        out = queue.popleft_n(n)
-        for block in out:
-            if block.block_hash is not None:
-                self._drop_hash(block)
-                self.num_evictions += 1
+        index = self.cached_block_hash_to_block
+        evicted = 0
+        out = []
+        head = queue._head
+        block = head.next
+        for _ in range(n):  # FreeBlockQueue.popleft_n and _drop_hash, inlined: admission takes dozens
+            out.append(block)
+            h = block.block_hash
+            if h is not None:
+                if index.get(h) is block:
+                    del index[h]
+                block.block_hash = None
+                evicted += 1
             block.ref_cnt = 1
+            nxt = block.next
+            block.prev = block.next = None
+            block = nxt
+        head.next = block
+        block.prev = head
+        queue.num_free_blocks -= n
+        self.num_evictions += evicted
         return out
+
+    def get_new_block(self) -> KVCacheBlock:
+        """``get_new_blocks(1)[0]`` in one call: a decoding request takes one block at a time."""
+        queue = self.free_block_queue
+        head = queue._head
+        block = head.next
+        if block is queue._tail:
+            raise RuntimeError("cannot get a block: none free")
+        nxt = block.next
+        head.next = nxt
+        nxt.prev = head
+        block.prev = block.next = None
+        queue.num_free_blocks -= 1
+        h = block.block_hash
+        if h is not None:
+            index = self.cached_block_hash_to_block
+            if index.get(h) is block:
+                del index[h]
+            block.block_hash = None
+            self.num_evictions += 1
+        block.ref_cnt = 1
+        return block
 
     def _drop_hash(self, block: KVCacheBlock) -> None:
         if self.cached_block_hash_to_block.get(block.block_hash) is block:
@@ -145,13 +166,26 @@ class BlockPool:
         Callers pass a request's blocks tail first, so a request's last blocks are evicted
         before its (more shareable) first blocks.
         """
-        append = self.free_block_queue.append
-        for block in ordered_blocks:
-            if block.ref_cnt <= 0:
-                raise RuntimeError(f"double free of {block}")
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                append(block)
+        queue = self.free_block_queue
+        tail = queue._tail
+        last = tail.prev
+        added = 0
+        try:
+            for block in ordered_blocks:  # FreeBlockQueue.append, inlined: a finishing request frees dozens
+                if block.ref_cnt <= 0:
+                    raise RuntimeError(f"double free of {block}")
+                if block.ref_cnt == 1 and (block.prev is not None or block.next is not None):
+                    raise RuntimeError(f"{block} is already in the free queue")
+                block.ref_cnt -= 1
+                if block.ref_cnt == 0:
+                    last.next = block
+                    block.prev = last
+                    last = block
+                    added += 1
+        finally:  # the blocks before a bad one stay freed, the list stays closed
+            last.next = tail
+            tail.prev = last
+            queue.num_free_blocks += added
 
     def reset_prefix_cache(self) -> int:
         """Forget the hashes of all free blocks; returns how many were dropped.

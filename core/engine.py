@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from core.backend import Backend
 from core.config import CacheConfig, SchedulerConfig
+from core.lazy_decode import LazyDecodeScheduler
 from core.request import Request
 from core.scheduler import Scheduler
 from core.scheduler_output import SchedulerOutput, StepResult
@@ -36,6 +37,19 @@ class EngineCore:
         self.finished: list[Request] = []  # every request that ended here, in finish order
         self.steps: list[StepStats] = []
         self.breakdown: dict[str, float] = {}  # total seconds per op, when the backend reports it
+
+    def use_lazy_decode(self, default_token_id: int) -> None:
+        """Swap in a ``LazyDecodeScheduler`` (same configs; only before any request).
+
+        Only for backends that emit known decode tokens: each request's
+        ``forced_output_token_ids``, then ``default_token_id`` (the simulator's backend).
+        """
+        old = self.scheduler
+        if old.requests or old.step_id:
+            raise RuntimeError("use_lazy_decode() must be called before the engine gets requests")
+        if isinstance(old, LazyDecodeScheduler):
+            return
+        self.scheduler = LazyDecodeScheduler(old.config, old.cache_config, old.eos_token_id, default_token_id)
 
     # --- requests --------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -102,12 +116,13 @@ class EngineCore:
         """Upcoming steps that are guaranteed identical pure-decode steps (0 = none)."""
         return self.scheduler.decode_horizon()
 
-    def apply_decode_steps(self, now: float, durations: list[float], token_ids: list[list[int]],
+    def apply_decode_steps(self, now: float, durations: list[float], token_ids: list[list[int]] | None,
                            breakdown: dict[str, float] | None = None) -> list[Request]:
         """Apply ``len(durations)`` decode steps starting at ``now`` in one go.
 
-        ``token_ids[i]`` are the tokens of ``scheduler.running[i]``, one per step. Equal to
-        calling ``step`` that many times; recorded as one StepStats row with ``num_steps``.
+        ``token_ids[i]`` are the tokens of ``scheduler.running[i]``, one per step (None for a
+        ``LazyDecodeScheduler``, which knows them). Equal to calling ``step`` that many
+        times; recorded as one StepStats row with ``num_steps``.
         """
         sched = self.scheduler
         k = len(durations)

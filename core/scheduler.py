@@ -188,8 +188,12 @@ class Scheduler:
         if self.waiting and not out.preempted_req_ids:
             self._admit(out, reqs, nums, budget)
 
-        # 3. The plain output object.
-        block_ids = kv.req_to_block_ids
+        self._finalize(out, reqs, nums)
+        return out
+
+    def _finalize(self, out: SchedulerOutput, reqs: list[Request], nums: list[int]) -> None:
+        """Fill the plain output object from the scheduled requests and their token counts."""
+        block_ids = self.kv.req_to_block_ids
         self._scheduled_reqs = reqs
         out.req_ids = [r.request_id for r in reqs]
         out.num_new_tokens = nums
@@ -198,7 +202,6 @@ class Scheduler:
         out.block_tables = [block_ids[rid] for rid in out.req_ids]
         out.samples = [c + n >= len(r.all_token_ids) for r, c, n in zip(reqs, computed, nums)]
         out.total_num_scheduled_tokens = sum(nums)
-        return out
 
     def _admit(self, out: SchedulerOutput, reqs: list[Request], nums: list[int], budget: int) -> None:
         cfg = self.config
@@ -285,6 +288,14 @@ class Scheduler:
         if out.step_id != self.step_id:
             raise RuntimeError(f"update_from_output for step {out.step_id}, but the last schedule() was step "
                                f"{self.step_id}")
+        finished = self._apply_sampled(out, result, now)
+        if finished:
+            self._finish(finished)
+        return finished
+
+    def _apply_sampled(self, out: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
+        """Advance the scheduled requests and append their tokens; returns those that finished
+        (status set, not yet freed)."""
         finished: list[Request] = []
         running_status = RequestStatus.RUNNING
         for req, n, tokens in zip(self._scheduled_reqs, out.num_new_tokens, result.sampled_token_ids):
@@ -303,8 +314,6 @@ class Scheduler:
                     req.finish_time = now
                     finished.append(req)
                     break
-        if finished:
-            self._finish(finished)
         return finished
 
     def _check_stop(self, req: Request, token: int) -> bool:
@@ -341,16 +350,8 @@ class Scheduler:
         running = self.running
         if not running or self.finished_req_ids or len(running) > self.config.max_num_batched_tokens:
             return 0
-        if self.waiting:
-            if self.policy.dynamic and self._blocked != _BLOCKED_SEQS:
-                return 0
-            blocked = self._blocked
-            if blocked == _BLOCKED_BUDGET:
-                # Persists only if a pure-decode step's leftover budget is still too small.
-                if self.chunking or self._blocked_need <= self.config.max_num_batched_tokens - len(running):
-                    return 0
-            elif blocked not in (_BLOCKED_KV, _BLOCKED_SEQS, _BLOCKED_POLICY):
-                return 0
+        if self.waiting and not self._admission_stays_blocked():
+            return 0
         k = self.config.max_model_len
         for r in running:  # hot path of the simulator: plain attribute reads only
             c = r.num_computed_tokens
@@ -365,6 +366,20 @@ class Scheduler:
         if k <= 0:
             return 0
         return self._kv_horizon(k)
+
+    def _admission_stays_blocked(self) -> bool:
+        """Whether the waiting queue's head stays blocked over pure-decode steps."""
+        if self.policy.dynamic and self._blocked != _BLOCKED_SEQS:
+            return False
+        blocked = self._blocked
+        if blocked == _BLOCKED_BUDGET:
+            # Persists only if a pure-decode step's leftover budget is still too small.
+            return not self.chunking and self._blocked_need > self.config.max_num_batched_tokens - len(self.running)
+        return blocked in (_BLOCKED_KV, _BLOCKED_SEQS, _BLOCKED_POLICY)
+
+    def _num_computed(self, request: Request) -> int:
+        """A running request's progress (a subclass may advance some requests lazily)."""
+        return request.num_computed_tokens
 
     def _hit_growth_horizon(self, k: int) -> int:
         """Largest k' <= k such that no step before k' extends the blocked head's prefix hit.
@@ -385,7 +400,7 @@ class Scheduler:
             return k  # the hit cannot grow
         hashes = head.block_hashes
         for r in self.running:
-            c = r.num_computed_tokens
+            c = self._num_computed(r)
             f = c // bs
             if f > n:
                 continue  # its block n is already full: registering it again changes nothing

@@ -40,14 +40,20 @@ class SchedulerOutput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     total_num_scheduled_tokens: int = 0
     block_size: int = 16
+    # Decode requests that a ``LazyDecodeScheduler`` advances without listing them (one token
+    # each, included in ``total_num_scheduled_tokens``): their count, the sum of their
+    # computed tokens and the largest. Always 0 for the executor's scheduler.
+    num_lazy_decodes: int = 0
+    lazy_computed_sum: int = 0
+    lazy_computed_max: int = 0
 
     @property
     def num_reqs(self) -> int:
-        return len(self.req_ids)
+        return len(self.req_ids) + self.num_lazy_decodes
 
     @property
     def is_empty(self) -> bool:
-        return not self.req_ids and not self.blocks_to_swap_out
+        return not self.req_ids and not self.blocks_to_swap_out and not self.num_lazy_decodes
 
     @property
     def num_prefill_tokens(self) -> int:

@@ -23,11 +23,12 @@ import simpy
 from simpy.core import URGENT
 
 from core.engine import EngineCore
+from core.lazy_decode import LazyDecodeScheduler
 from core.request import Request
 from core.router import make_router
 from core.stats import StepStats
 from simulator.cost_model.base import BatchShape
-from simulator.sim_backend import SimBackend
+from simulator.sim_backend import SIM_TOKEN_ID, SimBackend
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Replica:
     def _apply(self, start: float, durations: list[float]) -> None:
         eng = self.engine
         k = len(durations)
-        tokens = self.backend.decode_tokens(eng.scheduler.running, k)
+        lazy = isinstance(eng.scheduler, LazyDecodeScheduler)
+        tokens = None if lazy else self.backend.decode_tokens(eng.scheduler.running, k)
         breakdown = self._decode_breakdown(k, sum(durations))
         finished = eng.apply_decode_steps(start, durations, tokens, breakdown)
         self.sim._on_finished(finished)
@@ -103,11 +105,14 @@ class Replica:
                 continue
             k = eng.decode_horizon() if ff else 0
             if k >= 2:
-                running = eng.scheduler.running
-                batch = len(running)
-                computed = [r.num_computed_tokens for r in running]
-                ctx = sum(computed) + batch
-                longest = max(computed) + 1
+                sched = eng.scheduler
+                if isinstance(sched, LazyDecodeScheduler):
+                    batch, ctx, longest = sched.decode_shape()
+                else:
+                    computed = [r.num_computed_tokens for r in sched.running]
+                    batch = len(computed)
+                    ctx = sum(computed) + batch
+                    longest = max(computed) + 1
                 self._ff_shape = (batch, ctx, longest)
                 durations = cost.decode_step_times(batch, ctx, k, longest).tolist()
                 ends = []
@@ -152,6 +157,9 @@ class Simulation:
             raise ValueError(f"Simulation.think_time must be finite and >= 0, got {think_time!r}")
         self.env = simpy.Environment()
         self.fast_forward = fast_forward
+        if fast_forward:  # the fast path: steady decoders cost nothing per step (core/lazy_decode.py)
+            for e in engines:
+                e.use_lazy_decode(SIM_TOKEN_ID)
         self.num_events = 0
         self.replicas = [Replica(self, i, e, e.backend) for i, e in enumerate(engines)]
         self.router = make_router(router, len(engines))

@@ -49,8 +49,15 @@ class BatchShape:
 
     @classmethod
     def from_scheduler_output(cls, out: SchedulerOutput) -> BatchShape:
-        """From the step's parallel lists; sampling rows are exact (``out.samples``)."""
-        return cls._build(out.num_new_tokens, out.num_computed_tokens, out.samples.count(True))
+        """From the step's parallel lists plus its lazily advanced decodes (``num_lazy_decodes``);
+        sampling rows are exact (``out.samples``)."""
+        shape = cls._build(out.num_new_tokens, out.num_computed_tokens, out.samples.count(True))
+        n = out.num_lazy_decodes
+        if not n:
+            return shape
+        return cls(shape.num_reqs + n, shape.num_tokens + n, shape.num_sampling + n, shape.num_decode + n,
+                   shape.decode_context + out.lazy_computed_sum + n, shape.prefill_tokens, shape.prefill_context,
+                   shape.prefill_pairs, max(shape.max_decode_context, out.lazy_computed_max + 1))
 
     @classmethod
     def from_lists(cls, num_new_tokens: Sequence[int], context_lens: Sequence[int],

@@ -176,7 +176,8 @@ def check_invariants(sched: Scheduler) -> None:
 def check_output(out: SchedulerOutput, sched: Scheduler) -> None:
     """Checks on one schedule() result; call it before the step's update."""
     cfg = sched.config
-    assert out.total_num_scheduled_tokens == sum(out.num_new_tokens) <= cfg.max_num_batched_tokens
+    assert out.total_num_scheduled_tokens == sum(out.num_new_tokens) + out.num_lazy_decodes \
+        <= cfg.max_num_batched_tokens
     assert len(out.req_ids) == len(set(out.req_ids)) <= cfg.max_num_seqs
     assert all(n >= 1 for n in out.num_new_tokens)
     if cfg.long_prefill_token_threshold:
@@ -248,9 +249,18 @@ def run_workload(specs: list[RequestSpec], sched_cfg: SchedulerConfig, cache_cfg
                  check: bool = False, max_iters: int = 200_000,
                  on_fast_forward: Callable[[EngineCore, float, list[float], list[list[int]]], None] | None = None,
                  after_fast_forward: Callable[[EngineCore], None] | None = None,
+                 lazy: bool = False, abort_every: int = 0,
                  ) -> RunResult:
-    """Arrivals at ``spec.arrival`` are added before any step that starts at or after them."""
+    """Arrivals at ``spec.arrival`` are added before any step that starts at or after them.
+
+    ``lazy``: the engine runs a ``LazyDecodeScheduler``; every request then carries its
+    outputs as ``forced_output_token_ids`` (the token function's values), as in simulation.
+    ``abort_every``: abort the oldest running request before every n-th engine step.
+    """
     eng = make_engine(sched_cfg, cache_cfg, token_fn, eos)
+    if lazy:
+        eng.use_lazy_decode(default_token_id=-1)  # never used: forced ids cover max_tokens
+        eng.backend.bind(eng.scheduler.requests)
     sched = eng.scheduler
     if check:
         eng.backend.on_execute = lambda out: check_output(out, sched)
@@ -264,6 +274,8 @@ def run_workload(specs: list[RequestSpec], sched_cfg: SchedulerConfig, cache_cfg
         while pi < len(pending) and pending[pi].arrival <= now:
             req = pending[pi].build()
             pi += 1
+            if lazy:
+                req.forced_output_token_ids = [token_fn(req, n) for n in range(req.max_tokens)]
             try:
                 eng.add_request(req)
             except ValueError:
@@ -308,6 +320,14 @@ def run_workload(specs: list[RequestSpec], sched_cfg: SchedulerConfig, cache_cfg
                     if check:
                         check_invariants(sched)
                     continue
+        if abort_every and (res.step_calls + 1) % abort_every == 0 and sched.running:
+            victim = sched.running[0]
+            eng.abort_request(victim.request_id, now)
+            res.finished_order.append(victim.request_id)
+            if check:
+                check_invariants(sched)
+            if not eng.has_unfinished():
+                continue
         step = eng.step(now)
         res.step_calls += 1
         out = step.scheduler_output

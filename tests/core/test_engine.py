@@ -181,7 +181,9 @@ def test_fast_forward_matches_step_by_step(policy, batching, mode, blocks, chunk
     eos = 5 if tokens == "hashed" else None
     a = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=False, check=True)
     b = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True)
+    c = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True, lazy=True)
     assert_same_run(a, b)
+    assert_same_run(a, c)
     assert len(a.requests) >= 30
     assert b.ff_steps > 0 and b.step_calls + b.ff_steps == a.step_calls
     assert b.step_calls + b.ff_calls < a.step_calls
@@ -207,9 +209,12 @@ def _small(blocks: int, watermark: float = 0.0, chunking: bool = True) -> tuple[
 
 
 def _both(specs, sc, cc, token_fn, **kw):
+    """Step by step vs fast-forward, with the plain and with the lazy-decode scheduler."""
     a = fk.run_workload(specs, sc, cc, token_fn, fast_forward=False, check=True, **kw)
     b = fk.run_workload(specs, sc, cc, token_fn, fast_forward=True, check=True, **kw)
+    c = fk.run_workload(specs, sc, cc, token_fn, fast_forward=True, check=True, lazy=True, **kw)
     assert_same_run(a, b)
+    assert_same_run(a, c)
     return a, b
 
 
@@ -349,5 +354,7 @@ def test_fast_forward_matches_step_by_step_random_configs(policy, batching, mode
     eos = 5 if tokens == "hashed" else None
     a = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=False, check=True)
     b = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True)
+    c = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True, lazy=True)
     assert_same_run(a, b)
+    assert_same_run(a, c)
     assert b.step_calls + b.ff_steps == a.step_calls

@@ -1,0 +1,473 @@
+"""LazyDecodeScheduler: the Scheduler, with steady decoders advanced by the step counter.
+
+In a simulation most running requests, in most steps, decode one token whose id is known
+in advance (the workload's forced output ids, else one fixed id). Touching each of them
+every step makes a step cost O(batch), which dominates a long simulation. This subclass
+*parks* such a request: it stores the step ``p`` from which the request advances lazily,
+its progress ``c0`` and output count ``n0`` then, and from then on its progress at step
+``s`` is ``c0 + s - p``. A parked request needs the KV cache manager only at block edges
+(a new block when its position starts one, a prefix-cache registration when it fills one),
+which happen every ``block_size`` steps at a step fixed by its *phase* ``(c0 - p) %
+block_size``; parked requests are kept in one bucket per phase, so a step touches only the
+requests at an edge. Its finish step is known when it is parked (its length limit, or the
+first stop id among its known outputs). Its output ids and token times are written when it
+leaves the lazy state (finish, abort, or a fallback step), from the end time of every step.
+
+Results equal the plain Scheduler exactly (same blocks in the same order, same hashes,
+same timestamps): edges are applied in the plain scheduler's order (running order, which
+is admission order, tracked by a sequence number), and any step whose outcome could depend
+on parked requests in a way this bookkeeping does not model (a possible preemption, a
+token budget that cannot cover every running request) first writes every parked request
+back and runs the plain step. Only a backend that knows the decode tokens in advance may use
+it: the simulator's ``SimBackend`` (``default_token_id`` is its ``SIM_TOKEN_ID``).
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+from array import array
+
+from core.config import CacheConfig, SchedulerConfig
+from core.request import Request, RequestStatus
+from core.scheduler import _BLOCKED_BUDGET, _BLOCKED_KV, _BLOCKED_NONE, Scheduler
+from core.scheduler_output import SchedulerOutput, StepResult
+
+
+class _Parked:
+    """Where a parked request stood when it was parked (see the module docstring)."""
+
+    __slots__ = ("p", "c0", "n0", "finish", "phase")
+
+    def __init__(self, p: int, c0: int, n0: int, finish: int, phase: int) -> None:
+        self.p = p  # first step it advances lazily
+        self.c0 = c0  # num_computed_tokens before step p
+        self.n0 = n0  # output tokens before step p
+        self.finish = finish  # the step that samples its last token
+        self.phase = phase  # (c0 - p) % block_size: its bucket
+
+
+class LazyDecodeScheduler(Scheduler):
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 eos_token_id: int | None = None, default_token_id: int = 1) -> None:
+        super().__init__(scheduler_config, cache_config, eos_token_id)
+        self.default_token_id = default_token_id
+        self._parked: dict[Request, _Parked] = {}
+        self._phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]  # sorted by _seq
+        self._finish_at: dict[int, list[Request]] = {}
+        self._finish_steps: list[int] = []  # heap of keys of _finish_at (stale keys popped lazily)
+        self._offsets: list[tuple[int, int, Request]] = []  # heap of (-(c0 - p), seq, req), stale entries skipped
+        self._offset_sum = 0  # sum of (c0 - p) over parked requests
+        self._active: list[Request] = []  # running requests that are not parked, in running order
+        self._seq: dict[Request, int] = {}  # running order: a number given at each admission
+        self._next_seq = 0
+        self._ends = array("d", [0.0])  # _ends[s]: end time of step s (unused slots hold 0)
+
+    # --- lazy progress ---------------------------------------------------------------
+    def _num_computed(self, request: Request) -> int:
+        """Progress after the last step (a parked request has done steps p..step_id)."""
+        st = self._parked.get(request)
+        return request.num_computed_tokens if st is None else st.c0 + self.step_id - st.p + 1
+
+    def _oracle(self, request: Request, start: int, stop: int) -> list[int]:
+        """Output ids ``start:stop`` of a request, as the simulator's backend samples them."""
+        forced = request.forced_output_token_ids
+        toks = forced[start:stop] if forced else []
+        if len(toks) < stop - start:
+            toks = toks + [self.default_token_id] * (stop - start - len(toks))
+        return toks
+
+    def _fill_tokens(self, request: Request, num_outputs: int) -> None:
+        """Extend ``all_token_ids`` to ``num_outputs`` outputs (block hashes read them)."""
+        known = len(request.all_token_ids) - len(request.prompt_token_ids)
+        if known < num_outputs:
+            request.all_token_ids.extend(self._oracle(request, known, num_outputs))
+
+    def _write_back(self, request: Request, st: _Parked, last_step: int) -> None:
+        """Write a parked request's progress through ``last_step`` into its fields."""
+        count = last_step - st.p + 1
+        if count <= 0:
+            return
+        n = st.n0 + count
+        request.output_token_ids.extend(self._oracle(request, st.n0, n))
+        self._fill_tokens(request, n)
+        request.token_times.extend(self._ends[st.p:last_step + 1])
+        if request.first_token_time is None:
+            request.first_token_time = self._ends[st.p]
+        request.num_computed_tokens = st.c0 + count
+
+    def _park(self, request: Request, p: int) -> None:
+        c0 = request.num_computed_tokens
+        n0 = len(request.output_token_ids)
+        # Step p + j samples output n0 + j and leaves the request c0 + j + 2 tokens long.
+        last = request.max_num_tokens - c0 - 2
+        stops = request.stop_set
+        if stops is not None:
+            forced = request.forced_output_token_ids or []
+            for j, tok in enumerate(forced[n0:n0 + last + 1]):
+                if tok in stops:
+                    last = j
+                    break
+            else:
+                if self.default_token_id in stops:
+                    last = min(last, max(0, len(forced) - n0))
+        bs = self.kv.block_size
+        st = _Parked(p, c0, n0, p + last, (c0 - p) % bs)
+        self._parked[request] = st
+        seq = self._seq[request]
+        bisect.insort(self._phases[st.phase], request, key=self._seq.__getitem__)
+        finish_list = self._finish_at.get(st.finish)
+        if finish_list is None:
+            self._finish_at[st.finish] = [request]
+            heapq.heappush(self._finish_steps, st.finish)
+        else:
+            finish_list.append(request)
+        self._offset_sum += c0 - p
+        heapq.heappush(self._offsets, (p - c0, seq, request))
+
+    def _unpark(self, request: Request, last_step: int) -> _Parked:
+        """Take one request out of the lazy state (its finish entry is the caller's), written back."""
+        st = self._parked.pop(request)
+        self._phases[st.phase].remove(request)
+        self._offset_sum -= st.c0 - st.p
+        self._write_back(request, st, last_step)
+        return st
+
+    def _unpark_all(self) -> None:
+        """Write every parked request back: the next step runs the plain scheduler's way."""
+        if not self._parked:
+            return
+        last = self._last_stamped()
+        for request, st in self._parked.items():
+            self._write_back(request, st, last)
+        self._parked.clear()
+        for bucket in self._phases:
+            bucket.clear()
+        self._finish_at.clear()
+        self._finish_steps.clear()
+        self._offsets.clear()
+        self._offset_sum = 0
+
+    def _last_stamped(self) -> int:
+        """The last step whose result was applied (an abort may come between schedule and update)."""
+        return min(self.step_id, len(self._ends) - 1)
+
+    def _renumber(self) -> None:
+        """Give the running requests fresh sequence numbers in running order."""
+        seq = self._seq
+        seq.clear()
+        n = self._next_seq
+        for r in self.running:
+            seq[r] = n
+            n += 1
+        self._next_seq = n
+
+    def _longest_offset(self) -> int:
+        heap = self._offsets
+        parked = self._parked
+        while heap:
+            neg, _, r = heap[0]
+            st = parked.get(r)
+            if st is not None and st.p - st.c0 == neg:
+                return -neg
+            heapq.heappop(heap)
+        return 0
+
+    def decode_shape(self) -> tuple[int, int, int]:
+        """(batch, sum of context lengths, longest context) of the next pure-decode step.
+
+        Only valid when ``decode_horizon()`` is non-zero (every running request parked).
+        """
+        n = len(self._parked)
+        s = self.step_id + 1
+        return n, self._offset_sum + n * s + n, self._longest_offset() + s + 1
+
+    # --- edges -----------------------------------------------------------------------
+    def _edge_requests(self, s: int) -> list[Request]:
+        """Parked requests at a block edge in step ``s``, in running order."""
+        bs = self.kv.block_size
+        take = self._phases[-s % bs]
+        if not self.kv.enable_prefix_caching or bs == 1:
+            return take
+        reg = self._phases[(bs - 1 - s) % bs]
+        if not take:
+            return reg
+        if not reg:
+            return take
+        return sorted(take + reg, key=self._seq.__getitem__)
+
+    def _run_edges(self, edges: list[Request], s: int) -> None:
+        """What ``KVCacheManager.append_decode_slot`` does for parked requests at an edge in step ``s``.
+
+        Inlined (one call per step, not several per request): edges are most of the work
+        left in a long simulation. A registration the fast path cannot prove to be the plain
+        one (the request's next block to register is not this one) goes the general way.
+        """
+        kv = self.kv
+        bs = kv.block_size
+        caching = kv.enable_prefix_caching
+        parked = self._parked
+        req_blocks = kv.req_to_blocks
+        req_ids = kv.req_to_block_ids
+        num_cached = kv.num_cached_blocks
+        pool = kv.block_pool
+        index = pool.cached_block_hash_to_block
+        for r in edges:
+            st = parked[r]
+            steps = s - st.p
+            c = st.c0 + steps
+            rid = r.request_id
+            if not c % bs:
+                blocks = req_blocks[rid]
+                if c >= len(blocks) * bs:
+                    block = pool.get_new_block()
+                    blocks.append(block)
+                    req_ids[rid].append(block.block_id)
+            if caching and not (c + 1) % bs:
+                i = c // bs
+                hashes = r.block_hashes
+                if num_cached[rid] != i or len(hashes) < i:
+                    self._fill_tokens(r, st.n0 + steps)
+                    kv.cache_blocks(r, c + 1)
+                    continue
+                if len(hashes) == i:
+                    h = hash((hashes[-1] if i else None, self._block_tokens(r, st, i * bs, c + 1), r.cache_salt))
+                    hashes.append(h)
+                else:
+                    h = hashes[i]
+                block = req_blocks[rid][i]
+                if block.block_hash is None:
+                    block.block_hash = h
+                    index.setdefault(h, block)
+                num_cached[rid] = i + 1
+
+    def _block_tokens(self, request: Request, st: _Parked, start: int, stop: int) -> tuple[int, ...]:
+        """Token ids at positions ``start:stop`` of a parked request (known or to be written back)."""
+        tokens = request.all_token_ids
+        if stop <= len(tokens):
+            return tuple(tokens[start:stop])
+        prompt_len = len(request.prompt_token_ids)
+        lo = max(start, len(tokens))
+        return tuple(tokens[start:lo]) + tuple(self._oracle(request, lo - prompt_len, stop - prompt_len))
+
+    # --- one step --------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        s = self.step_id + 1
+        edges = self._edge_requests(s) if self._parked else []
+        if not self._parked or not self._fits(edges):
+            return self._plain_schedule()
+        self.step_id = s
+        out = SchedulerOutput(s, block_size=self.cache_config.block_size, finished_req_ids=self.finished_req_ids)
+        self.finished_req_ids = []
+        reqs: list[Request] = []
+        nums: list[int] = []
+        active = self._active
+        if not active:
+            self._run_edges(edges, s)
+            order = active
+        elif edges:
+            order = sorted(active + edges, key=self._seq.__getitem__)
+        else:
+            order = active
+        kv = self.kv
+        parked = self._parked
+        threshold = self.config.long_prefill_token_threshold
+        for req in order:
+            if req in parked:
+                self._run_edges([req], s)
+                continue
+            c = req.num_computed_tokens
+            num_new = len(req.all_token_ids) - c
+            if num_new == 1 and c:
+                ok = kv.append_decode_slot(req)
+            else:
+                if threshold and num_new > threshold:
+                    num_new = threshold
+                ok = kv.allocate_slots(req, num_new) is not None
+            if not ok:
+                raise RuntimeError(f"LazyDecodeScheduler: allocation for {req.request_id!r} failed in a step "
+                                   "_fits() admitted; this is a bug")
+            reqs.append(req)
+            nums.append(num_new)
+        n_parked = len(parked)
+        budget = self.config.max_num_batched_tokens - sum(nums) - n_parked
+        self._blocked = _BLOCKED_NONE
+        if self.waiting:
+            n = len(self.running)
+            self._admit(out, reqs, nums, budget)
+            self._number_new(n)
+        self._finalize(out, reqs, nums)
+        out.num_lazy_decodes = n_parked
+        out.lazy_computed_sum = self._offset_sum + n_parked * s
+        out.lazy_computed_max = self._longest_offset() + s
+        out.total_num_scheduled_tokens += n_parked
+        return out
+
+    def _plain_schedule(self) -> SchedulerOutput:
+        """The plain scheduler's step, with every parked request written back first."""
+        self._unpark_all()
+        out = super().schedule()
+        self._renumber()
+        self._active = list(self.running)
+        return out
+
+    def _fits(self, edges: list[Request]) -> bool:
+        """Whether step ``s`` can run lazily: every running request gets its tokens within the
+        budget and every allocation is sure to succeed (so nobody is preempted)."""
+        kv = self.kv
+        bs = kv.block_size
+        held = kv.req_to_blocks
+        threshold = self.config.long_prefill_token_threshold
+        demand = len(self._parked)
+        need = len(edges)
+        for r in self._active:
+            c = r.num_computed_tokens
+            n = len(r.all_token_ids) - c
+            if threshold and n > threshold:
+                n = threshold
+            demand += n
+            need += max(0, -(-(c + n) // bs) - len(held[r.request_id]))
+        return demand <= self.config.max_num_batched_tokens and need <= kv.num_free_blocks
+
+    def _number_new(self, n_before: int) -> None:
+        """Sequence numbers and the active list for requests ``_admit`` just appended."""
+        new = self.running[n_before:]
+        n = self._next_seq
+        for r in new:
+            self._seq[r] = n
+            n += 1
+        self._next_seq = n
+        self._active.extend(new)
+
+    def update_from_output(self, out: SchedulerOutput, result: StepResult, now: float) -> list[Request]:
+        if out.step_id != self.step_id:
+            raise RuntimeError(f"update_from_output for step {out.step_id}, but the last schedule() was step "
+                               f"{self.step_id}")
+        s = out.step_id
+        self._stamp(s, now)
+        finished = self._apply_sampled(out, result, now)
+        parked_done = self._finish_parked(s, now)
+        if parked_done:  # in running order, as the plain scheduler finishes (and frees) them
+            finished = sorted(finished + parked_done, key=self._seq.__getitem__)
+        if finished:
+            self._finish(finished)
+        self._park_active(s + 1)
+        return finished
+
+    def _stamp(self, s: int, now: float) -> None:
+        ends = self._ends
+        if len(ends) < s:
+            ends.extend([0.0] * (s - len(ends)))
+        ends.append(now)
+
+    def _finish_parked(self, s: int, now: float) -> list[Request]:
+        done = self._finish_at.pop(s, None)
+        if not done:
+            return []
+        done.sort(key=self._seq.__getitem__)
+        for r in done:
+            self._unpark(r, s)
+            if not self._check_stop(r, r.output_token_ids[-1]):
+                raise RuntimeError(f"LazyDecodeScheduler: {r.request_id!r} was due to finish in step {s} "
+                                   "but does not; this is a bug")
+            r.finish_time = now
+        return done
+
+    def _park_active(self, p: int) -> None:
+        """Park the active requests that now simply decode; keep the others active."""
+        running = RequestStatus.RUNNING
+        keep = []
+        for r in self._active:
+            if r.status is not running:
+                self._seq.pop(r, None)
+                continue
+            c = r.num_computed_tokens
+            if c and len(r.all_token_ids) - c == 1:
+                self._park(r, p)
+            else:
+                keep.append(r)
+        self._active = keep
+
+    def _finish(self, finished: list[Request]) -> None:
+        super()._finish(finished)
+        for r in finished:
+            self._seq.pop(r, None)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None and request in self._parked:
+            st = self._unpark(request, self._last_stamped())
+            same_step = self._finish_at[st.finish]
+            same_step.remove(request)
+            if not same_step:
+                del self._finish_at[st.finish]
+        request = super().abort_request(request_id)
+        if request is not None:
+            self._seq.pop(request, None)
+            if request in self._active:
+                self._active.remove(request)
+        return request
+
+    # --- fast-forward ------------------------------------------------------------------
+    def decode_horizon(self) -> int:
+        """Like ``Scheduler.decode_horizon``, in O(1) of the batch when every running request is parked."""
+        if self._active or not self._parked:
+            return 0
+        running = self.running
+        if self.finished_req_ids or len(running) > self.config.max_num_batched_tokens:
+            return 0
+        if self.waiting and not self._admission_stays_blocked():
+            return 0
+        k = self._next_finish() - self.step_id  # includes the step in which the first request finishes
+        if self.waiting and self._blocked in (_BLOCKED_KV, _BLOCKED_BUDGET):
+            k = self._hit_growth_horizon(k)
+        if k <= 0:
+            return 0
+        return self._take_horizon(k)
+
+    def _next_finish(self) -> int:
+        steps = self._finish_steps
+        while steps[0] not in self._finish_at:
+            heapq.heappop(steps)
+        return steps[0]
+
+    def _takes_within(self, k: int) -> int:
+        """Blocks the parked requests may take in the next ``k`` steps (an upper bound)."""
+        bs = self.kv.block_size
+        s = self.step_id
+        total = 0
+        for phase, bucket in enumerate(self._phases):
+            if bucket:  # steps t in (s, s + k] with (phase + t) % bs == 0
+                total += len(bucket) * ((s + k + phase) // bs - (s + phase) // bs)
+        return total
+
+    def _take_horizon(self, k: int) -> int:
+        free = self.kv.num_free_blocks
+        if self._takes_within(k) <= free:
+            return k
+        lo, hi = 0, k
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._takes_within(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def apply_decode_steps(self, k: int, step_end_times: list[float],
+                           token_ids: list[list[int]] | None = None) -> list[Request]:
+        """``k`` pure-decode steps of parked requests; ``token_ids`` is not needed (the ids are known)."""
+        s0 = self.step_id
+        if self._active or not self._parked or self._next_finish() < s0 + k:
+            raise RuntimeError(f"apply_decode_steps({k}): not a run of identical pure-decode steps "
+                               "(see decode_horizon)")
+        for s in range(s0 + 1, s0 + k + 1):
+            self._run_edges(self._edge_requests(s), s)
+        ends = self._ends
+        if len(ends) <= s0:
+            ends.extend([0.0] * (s0 + 1 - len(ends)))
+        ends.extend(step_end_times)
+        self.step_id = s0 + k
+        finished = self._finish_parked(s0 + k, step_end_times[-1])
+        if finished:
+            self._finish(finished)
+        return finished

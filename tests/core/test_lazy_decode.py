@@ -1,0 +1,165 @@
+"""LazyDecodeScheduler: equal to the plain Scheduler, step for step and with fast-forward."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import core_fakes as fk
+from core.config import CacheConfig, SchedulerConfig
+from core.lazy_decode import LazyDecodeScheduler
+from core.request import Request
+from core.sampling_params import SamplingParams
+from core.scheduler_output import StepResult
+from test_engine import assert_same_run
+
+
+def _cfg(policy="fcfs", batching="continuous", mode="recompute", bs=16, blocks=64, chunking=True, budget=64,
+         watermark=0.0, threshold=0, prefix=True, max_model_len=128):
+    sc = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget, max_model_len=max_model_len,
+                         enable_chunked_prefill=chunking, policy=policy, batching=batching, preemption_mode=mode,
+                         watermark=watermark, long_prefill_token_threshold=threshold)
+    return sc, CacheConfig(bs, blocks, blocks if mode == "swap" else 0, prefix)
+
+
+def _pool_state(sched):
+    kv = sched.kv
+    pool = kv.block_pool
+    return (dict(kv.req_to_block_ids), pool.free_block_queue.block_ids(),
+            {h: b.block_id for h, b in pool.cached_block_hash_to_block.items()}, pool.num_evictions,
+            dict(kv.num_cached_blocks))
+
+
+def _lockstep(specs, sc, cc, token_fn, eos=None):
+    """Step a plain and a lazy engine side by side; after every step their KV state and step
+    shapes must be equal, and every request's progress too (the lazy one's as it would be
+    written back)."""
+    plain = fk.make_engine(sc, cc, token_fn, eos)
+    lazy = fk.make_engine(sc, cc, token_fn, eos)
+    lazy.use_lazy_decode(default_token_id=-1)
+    lazy.backend.bind(lazy.scheduler.requests)
+    pending = sorted(specs, key=lambda s: (s.arrival, s.rid))
+    now, pi, lazy_steps = 0.0, 0, 0
+    for _ in range(20_000):
+        while pi < len(pending) and pending[pi].arrival <= now:
+            a, b = pending[pi].build(), pending[pi].build()
+            b.forced_output_token_ids = [token_fn(b, n) for n in range(b.max_tokens)]
+            pi += 1
+            for eng, r in ((plain, a), (lazy, b)):
+                try:
+                    eng.add_request(r)
+                except ValueError:
+                    pass
+        if not plain.has_unfinished():
+            assert not lazy.has_unfinished()
+            if pi == len(pending):
+                break
+            now = pending[pi].arrival
+            continue
+        sa, sb = plain.step(now), lazy.step(now)
+        oa, ob = sa.scheduler_output, sb.scheduler_output
+        lazy_steps += ob.num_lazy_decodes > 0
+        assert (oa.num_reqs, oa.total_num_scheduled_tokens, oa.num_prefill_tokens, oa.preempted_req_ids) == \
+               (ob.num_reqs, ob.total_num_scheduled_tokens, ob.num_prefill_tokens, ob.preempted_req_ids)
+        assert sa.duration == sb.duration
+        assert [r.request_id for r in sa.finished] == [r.request_id for r in sb.finished]
+        assert _pool_state(plain.scheduler) == _pool_state(lazy.scheduler)
+        ls = lazy.scheduler
+        for rid, r in plain.scheduler.requests.items():
+            assert r.num_computed_tokens == ls._num_computed(ls.requests[rid]), rid
+        fk.check_invariants(ls)
+        now += sa.duration
+    else:
+        raise AssertionError("did not drain")
+    for ra in plain.finished:
+        rb = next(r for r in lazy.finished if r.request_id == ra.request_id)
+        assert (ra.status, ra.output_token_ids, list(ra.token_times), ra.first_token_time, ra.finish_time) == \
+               (rb.status, rb.output_token_ids, list(rb.token_times), rb.first_token_time, rb.finish_time)
+        assert rb.all_token_ids == ra.all_token_ids
+    return lazy_steps
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(policy=st.sampled_from(["fcfs", "priority", "sjf", "lpm"]),
+       batching=st.sampled_from(["continuous", "continuous", "orca", "static"]),
+       mode=st.sampled_from(["recompute", "swap"]), bs=st.sampled_from([1, 4, 16]),
+       blocks_factor=st.sampled_from([1.0, 1.5, 3.0, 50.0]), chunking=st.booleans(),
+       budget=st.sampled_from([16, 64, 256]), watermark=st.sampled_from([0.0, 0.1]), prefix=st.booleans(),
+       stops=st.booleans(), seed=st.integers(0, 10_000))
+def test_lazy_equals_plain_step_by_step(policy, batching, mode, bs, blocks_factor, chunking, budget, watermark,
+                                        prefix, stops, seed):
+    blocks = int(blocks_factor * 128 / bs) + 1
+    sc, cc = _cfg(policy, batching, mode, bs, blocks, chunking, max(budget, bs), watermark, prefix=prefix)
+    specs = fk.random_workload(seed, n=20, rate=60.0, prompt_len=(1, 60), max_tokens=(1, 60), vocab=3,
+                               stop_ids=(3,) if stops else ())
+    token_fn = fk.hashed_token(seed, 6) if stops else fk.fixed_token(1)
+    _lockstep(specs, sc, cc, token_fn, eos=5 if stops else None)
+
+
+def test_lazy_steps_happen_and_preemption_falls_back_exactly():
+    """A small pool: parked requests are written back before every step that may preempt."""
+    specs = fk.random_workload(7, n=60, rate=80.0, prompt_len=(16, 64), max_tokens=(20, 100), vocab=2,
+                               shared_prefixes=2)
+    for mode in ("recompute", "swap"):
+        sc, cc = _cfg(mode=mode, blocks=20, budget=64)
+        assert _lockstep(specs, sc, cc, fk.fixed_token(0)) > 50
+    sc, cc = _cfg(blocks=400, budget=256)
+    assert _lockstep(specs, sc, cc, fk.fixed_token(0)) > 200
+
+
+@pytest.mark.parametrize("mode,blocks,policy", [("recompute", 24, "fcfs"), ("swap", 20, "priority"),
+                                                ("recompute", 400, "sjf"), ("recompute", 30, "lpm")])
+@pytest.mark.parametrize("tokens", ["fixed", "hashed"])
+def test_lazy_fast_forward_equals_plain_step_by_step(mode, blocks, policy, tokens):
+    specs = fk.random_workload(11, n=40, rate=60.0, prompt_len=(8, 60), max_tokens=(10, 70), vocab=3,
+                               stop_ids=(3,) if tokens == "hashed" else ())
+    sc, cc = _cfg(policy, mode=mode, blocks=blocks, budget=64)
+    token_fn = fk.fixed_token(2) if tokens == "fixed" else fk.hashed_token(11, 6)
+    eos = 5 if tokens == "hashed" else None
+    a = fk.run_workload(specs, sc, cc, token_fn, eos=eos, check=True)
+    b = fk.run_workload(specs, sc, cc, token_fn, eos=eos, check=True, lazy=True, fast_forward=True)
+    assert_same_run(a, b)
+    assert b.ff_steps > 0 and b.step_calls + b.ff_steps == a.step_calls
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_aborting_parked_requests_equals_plain(mode):
+    specs = fk.random_workload(5, n=40, rate=60.0, prompt_len=(8, 60), max_tokens=(10, 70), vocab=3)
+    sc, cc = _cfg(mode=mode, blocks=40, budget=64)
+    a = fk.run_workload(specs, sc, cc, fk.fixed_token(1), check=True, abort_every=7)
+    b = fk.run_workload(specs, sc, cc, fk.fixed_token(1), check=True, abort_every=7, lazy=True)
+    assert_same_run(a, b)
+    assert sum(r.status.name == "FINISHED_ABORTED" for r in b.requests.values()) >= 5
+
+
+def test_stop_among_forced_outputs_and_default_token():
+    """The finish step comes from the first stop id among known outputs, or the default id."""
+    sc, cc = _cfg(blocks=64, budget=64)
+    sched = LazyDecodeScheduler(sc, cc, eos_token_id=9, default_token_id=9)
+    a = Request("a", list(range(20, 40)), SamplingParams(max_tokens=50), forced_output_token_ids=[1] * 30 + [9])
+    b = Request("b", list(range(40, 60)), SamplingParams(max_tokens=50), forced_output_token_ids=[1, 1, 1])
+    c = Request("c", list(range(60, 80)), SamplingParams(max_tokens=50, ignore_eos=True))
+    for r in (a, b, c):
+        sched.add_request(r)
+    now, finished = 0.0, []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        sampled = [[sched._oracle(sched.requests[rid], len(sched.requests[rid].output_token_ids),
+                                  len(sched.requests[rid].output_token_ids) + 1)[0]] if s else []
+                   for rid, s in zip(out.req_ids, out.samples)]
+        now += 1.0
+        finished += sched.update_from_output(out, StepResult(sampled, 1.0), now)
+    assert [r.request_id for r in finished] == ["b", "a", "c"]
+    assert len(a.output_token_ids) == 31 and a.stop_reason == 9
+    assert b.output_token_ids == [1, 1, 1, 9] and b.finish_time == 4.0
+    assert c.output_token_ids == [9] * 50 and c.status.name == "FINISHED_LENGTH"
+    assert list(c.token_times) == [float(t) for t in range(1, 51)]
+
+
+def test_use_lazy_decode_only_on_a_fresh_engine():
+    sc, cc = _cfg()
+    eng = fk.make_engine(sc, cc)
+    eng.add_request(fk.make_request("x", 8))
+    with pytest.raises(RuntimeError, match="before the engine gets requests"):
+        eng.use_lazy_decode(1)
