@@ -51,6 +51,7 @@ class LazyDecodeScheduler(Scheduler):
                  eos_token_id: int | None = None, default_token_id: int = 1) -> None:
         super().__init__(scheduler_config, cache_config, eos_token_id)
         self.default_token_id = default_token_id
+        self._default_block = (default_token_id,) * cache_config.block_size
         self._parked: dict[Request, _Parked] = {}
         self._phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]  # sorted by _seq
         self._finish_at: dict[int, list[Request]] = {}
@@ -230,7 +231,7 @@ class LazyDecodeScheduler(Scheduler):
                     kv.cache_blocks(r, c + 1)
                     continue
                 if len(hashes) == i:
-                    h = hash((hashes[-1] if i else None, self._block_tokens(r, st, i * bs, c + 1), r.cache_salt))
+                    h = hash((hashes[-1] if i else None, self._block_tokens(r, i * bs, c + 1), r.cache_salt))
                     hashes.append(h)
                 else:
                     h = hashes[i]
@@ -240,12 +241,15 @@ class LazyDecodeScheduler(Scheduler):
                     index.setdefault(h, block)
                 num_cached[rid] = i + 1
 
-    def _block_tokens(self, request: Request, st: _Parked, start: int, stop: int) -> tuple[int, ...]:
-        """Token ids at positions ``start:stop`` of a parked request (known or to be written back)."""
+    def _block_tokens(self, request: Request, start: int, stop: int) -> tuple[int, ...]:
+        """Token ids of the full block at positions ``start:stop`` of a parked request."""
         tokens = request.all_token_ids
         if stop <= len(tokens):
             return tuple(tokens[start:stop])
         prompt_len = len(request.prompt_token_ids)
+        forced = request.forced_output_token_ids
+        if start >= len(tokens) and (not forced or len(forced) <= start - prompt_len):
+            return self._default_block  # all sampled ids: the common case, built once
         lo = max(start, len(tokens))
         return tuple(tokens[start:lo]) + tuple(self._oracle(request, lo - prompt_len, stop - prompt_len))
 

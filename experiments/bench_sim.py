@@ -10,6 +10,7 @@ measured by an overloaded probe run (not timed) and the rate set to 80% of it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -59,6 +60,7 @@ def main() -> None:
     if len(requests) != args.num_requests:
         raise SystemExit(f"workload has {len(requests)} requests, asked for {args.num_requests}")
     t_built = time.perf_counter()
+    gc.freeze()  # as run_simulation does: the collector stops re-walking the requests' token lists
     from simulator.runner import EngineCore, SimBackend, make_cost_model, get_model, get_hardware, num_kv_blocks
     from core.config import CacheConfig
     import dataclasses

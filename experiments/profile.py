@@ -12,12 +12,16 @@ the numbers are pure device time without launch gaps; warm-ups first, median of 
 * ``lm_head`` and ``sampling`` (the runner's fused temperature sampler) vs sampled rows;
 * attention with ``executor.kernels.paged_attention`` on the runner's real paged KV pool:
   decode vs (batch, context) exactly as the decode CUDA graphs launch it (the padded size
-  and the split-K its captured graph uses), only up to the profiling pool's size,
+  and the split-K its captured graph uses), only up to the profiling pool's size; the
+  latency batch with one long request among short ones (``attn_decode.lone_latency``);
+  decode rows tiled as beside a prefill chunk (``attn_decode_eager``); decode batches with
+  evenly spread contexts (``meta.attn_decode_uneven``, a diagnostic for a wave-aware term);
   prefill vs (chunk, context) as an eager step launches it;
 * real ``EngineCore`` steps on the ``RealBackend``: pure-decode steps (CUDA graphs) and
   serving-like eager steps (16 decodes + one fresh prompt), twice (a cold pass right after
   start-up, kept as a diagnostic, and a warm pass after the op timings, which is fitted);
-  eager steps after graph steps and after idling (diagnostics only). A step's wall time
+  eager steps after graph steps and after idling, each paired with the same step run right
+  after it (``overhead.eager_after_graph_s`` / ``eager_after_idle_s``: the median difference). A step's wall time
   (start of one step to the start of the next: scheduling, input preparation, launch,
   sampling, the engine's update) minus the device time the tables predict gives the CPU
   terms: ``graph_s`` + ``cpu_per_request_s`` per request for graph steps; for eager steps,
@@ -61,6 +65,15 @@ QUICK_ROWS = [1, 4, 16]
 FULL_DECODE = [(b, c) for b in (1, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
                for c in (128, 512, 1024, 2048, 4096, 8192, 16384) if b * c <= 1 << 20]
 QUICK_DECODE = [(b, c) for b in (1, 4) for c in (32, 128)]
+# Decode rows beside a prefill chunk (eager steps): the chunk's query length picks the kernel's
+# 64-row query tile for every block.
+EAGER_TILE_QUERY_LEN = 64
+FULL_DECODE_EAGER = [(b, c) for b in (1, 4, 16, 32, 64, 128, 256) for c in (512, 2048, 8192) if b * c <= 1 << 20]
+QUICK_DECODE_EAGER = [(b, c) for b in (1, 4) for c in (32, 128)]
+FULL_LONE_CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384]  # one long request in the latency batch
+QUICK_LONE_CONTEXTS = [64, 128]
+FULL_DECODE_UNEVEN = [(b, c) for b in (32, 64, 128, 256) for c in (512, 1024, 2048)]  # diagnostic
+QUICK_DECODE_UNEVEN = [(4, 64)]
 FULL_PREFILL = [(n, n + c) for n in (16, 64, 256, 512, 1024, 2048, 4096, 8192) for c in (0, 1024, 4096)]
 QUICK_PREFILL = [(n, n + c) for n in (8, 32, 128) for c in (0, 64)]
 # Real engine steps for the overhead fit.
@@ -72,6 +85,7 @@ MIXED_DECODES = 16  # decodes running beside each measured prefill
 AFTER_PREFILLS = [144, 528, 2064]  # eager steps after graph steps / after idling (diagnostics)
 AFTER_GRAPH_STEPS = 8
 AFTER_IDLE_S = 0.3
+AFTER_REPS = 12  # pairs per prompt size: the switch cost is ~1 ms on ~13 ms steps
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -231,46 +245,88 @@ class OpProfiler:
             o += n
         return bt.to(self.device)
 
-    def attn_decode(self, points: list[tuple[int, int]]) -> dict[str, list[float]]:
+    def _time_decode(self, lens: list[int], eager_tile: bool = False) -> tuple[float, int] | None:
+        """(seconds over all layers, split-K) of one paged-attention launch over decode rows of
+        these context lengths, or None if their KV exceeds the pool (the block tables would
+        reuse blocks: L2 hits). By default launched exactly as a captured decode graph launches
+        it: the split-K of the graph of the padded size (the runner may raise the heuristic's
+        choice) and ``max_seq_len`` = ``max_model_len``. ``eager_tile``: as an eager step
+        launches decode rows beside a prefill chunk: the chunk's ``max_query_len`` makes the
+        kernel tile every query block for 64 rows, unsplit (a serving chunk adds enough
+        query blocks to fill the GPU)."""
         from executor.kernels import choose_num_splits, paged_attention
 
         cfg = self.cfg
-        max_len = self.runner.max_model_len
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.timer.cuda else 1
-        res: dict[str, list[float]] = {"batch": [], "total_context": [], "seconds": []}
-        scale = cfg.head_dim ** -0.5
-        pool_tokens = self.num_blocks * self.bs
+        b, max_len = len(lens), self.runner.max_model_len
+        if max(lens) > max_len or sum(-(-c // self.bs) for c in lens) * self.bs > self.num_blocks * self.bs:
+            return None
+        q = self._randn(b, cfg.num_attention_heads, cfg.head_dim)
+        qsl = torch.arange(b + 1, dtype=torch.int32, device=self.device)
+        seq = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        bt = self._tables(lens)
+        query_len, splits, max_seq = 1, None, max(lens)
+        if eager_tile:  # beside a chunk of >= 512 tokens the launch has enough programs not to split
+            query_len, splits = EAGER_TILE_QUERY_LEN, 1
+        elif self.runner.use_graphs:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.timer.cuda else 1
+            padded = self.runner.graphs.padded_size(b) or b
+            captured = getattr(self.runner.graphs, "graphs", {}).get(padded)
+            splits = (captured.num_splits if captured is not None else
+                      self.runner.attention_num_splits or choose_num_splits(
+                          padded, cfg.num_key_value_heads, max_len, sms))
+            max_seq = max_len
+        caches, scale = self.caches, cfg.head_dim ** -0.5
+
+        def fn() -> None:
+            for kc, vc in caches:
+                paged_attention(q, kc, vc, qsl, seq, bt, scale, max_query_len=query_len, max_seq_len=max_seq,
+                                num_splits=splits)
+
+        return self.timer(fn), int(splits or 1)
+
+    def attn_decode(self, points: list[tuple[int, int]], eager_tile: bool = False) -> dict[str, list[float]]:
+        """The decode grid: ``b`` rows of context ``c`` each, per point (see ``_time_decode``)."""
+        res: dict[str, list[float]] = {"batch": [], "total_context": [], "seconds": [], "splits": []}
         for b, c in points:
-            if c > max_len or b * -(-c // self.bs) * self.bs > pool_tokens:
-                continue  # beyond the pool the block tables would reuse blocks (L2 hits)
-            q = self._randn(b, cfg.num_attention_heads, cfg.head_dim)
-            qsl = torch.arange(b + 1, dtype=torch.int32, device=self.device)
-            seq = torch.full((b,), c, dtype=torch.int32, device=self.device)
-            bt = self._tables([c] * b)
-            if self.runner.use_graphs:
-                # exactly what a captured decode graph launches: its padded size and the split-K
-                # it was captured with (the runner may raise the heuristic's choice)
-                padded = self.runner.graphs.padded_size(b) or b
-                captured = getattr(self.runner.graphs, "graphs", {}).get(padded)
-                splits = (captured.num_splits if captured is not None else
-                          self.runner.attention_num_splits or choose_num_splits(
-                              padded, cfg.num_key_value_heads, max_len, sms))
-                max_seq = max_len
-            else:
-                splits, max_seq = None, c
-            caches = self.caches
-
-            def fn() -> None:
-                for kc, vc in caches:
-                    paged_attention(q, kc, vc, qsl, seq, bt, scale, max_query_len=1, max_seq_len=max_seq,
-                                    num_splits=splits)
-
+            timed = self._time_decode([c] * b, eager_tile)
+            if timed is None:
+                continue
             res["batch"].append(b)
             res["total_context"].append(b * c)
-            res["seconds"].append(self.timer(fn))
-            res.setdefault("splits", []).append(int(splits or 1))
-        self.log(f"  attn_decode: {len(res['seconds'])} points, "
+            res["seconds"].append(timed[0])
+            res["splits"].append(timed[1])
+        self.log(f"  attn_decode{' (eager tile)' if eager_tile else ''}: {len(res['seconds'])} points, "
                  f"{min(res['seconds']) * 1e6:.1f}..{max(res['seconds']) * 1e6:.1f} us")
+        return res
+
+    def attn_decode_lone(self, batch: int, contexts: list[int], short: int) -> dict[str, Any]:
+        """The latency line of serving: ``batch`` rows (a non-split graph size), one of context
+        c and the others of ``short``, as the graph launches them. The equal-context grid at
+        (batch, c) makes every program as long as the longest; in serving the others are
+        shorter and contend less."""
+        res: dict[str, Any] = {"batch": batch, "short_context": short, "context": [], "seconds": []}
+        for c in contexts:
+            timed = self._time_decode([c] + [short] * (batch - 1))
+            if timed is not None:
+                res["context"].append(c)
+                res["seconds"].append(timed[0])
+        self.log(f"  attn_decode lone latency (batch {batch}): {[round(x * 1e6, 1) for x in res['seconds']]} us")
+        return res
+
+    def attn_decode_uneven(self, points: list[tuple[int, int]]) -> dict[str, list[float]]:
+        """Diagnostic for a wave-aware decode term: ``b`` rows whose contexts are spread evenly
+        over [1, 2c - 1] (mean c, coefficient of variation ~0.58, like serving batches), as the
+        graph launches them; compare with the equal-context grid at (b, c)."""
+        res: dict[str, list[float]] = {"batch": [], "mean_context": [], "max_context": [], "seconds": []}
+        for b, c in points:
+            lens = np.linspace(1, 2 * c - 1, b).round().astype(int).tolist()
+            timed = self._time_decode(lens)
+            if timed is not None:
+                res["batch"].append(b)
+                res["mean_context"].append(sum(lens) / b)
+                res["max_context"].append(max(lens))
+                res["seconds"].append(timed[0])
+        self.log(f"  attn_decode uneven: {len(res['seconds'])} points")
         return res
 
     def attn_prefill(self, points: list[tuple[int, int]]) -> dict[str, list[float]]:
@@ -634,6 +690,13 @@ def make_v2(raw: dict[str, Any], *, pool_tokens: int, split_max_batch: int, late
     if "splits" in dec:  # the split-K each point was measured with (diagnostic)
         v2["attn_decode"]["splits"] = [int(k) for k, tc in zip(dec["splits"], dec["total_context"])
                                        if int(tc) <= pool_tokens]
+    if dec.get("lone_latency", {}).get("seconds"):
+        v2["attn_decode"]["lone_latency"] = json.loads(json.dumps(dec["lone_latency"]))
+    eager = raw.get("attn_decode_eager")
+    if eager and eager["seconds"]:
+        v2["attn_decode_eager"] = {"batch": [int(b) for b in eager["batch"]],
+                                   "context": [int(tc) // int(b) for b, tc in zip(eager["batch"], eager["total_context"])],
+                                   "seconds": [float(x) for x in eager["seconds"]]}
     v2["overhead"] = {"graph_s": float(graph_s), "graph_max_batch": int(raw["overhead"]["graph_max_batch"]),
                       "graph_sizes": [int(g) for g in graph_sizes], "cpu_per_request_s": float(cpu_per_request_s),
                       "eager_s": float(raw["overhead"].get("eager_s", 0.0)), "eager_ref_reqs": int(ref_reqs)}
@@ -650,12 +713,14 @@ def make_v2(raw: dict[str, Any], *, pool_tokens: int, split_max_batch: int, late
 
 
 def measure_eager_after(backend: Any, quick: bool, seed: int = 2) -> dict[str, list[tuple[Any, float, float]]]:
-    """Eager steps in two situations the serving loop meets and the mixed pass does not:
-    ``after_graph`` -- ``MIXED_DECODES`` decodes ran ``AFTER_GRAPH_STEPS`` CUDA-graph steps,
-    then a fresh prompt arrives (the same step shape as the mixed pass, so the difference is
-    the cost of switching back to the eager path); ``after_idle`` -- the engine sat idle for
-    ``AFTER_IDLE_S``, then a lone prompt arrives. Wall = the step's start to the return of
-    ``engine.step`` (it includes the engine's update)."""
+    """Eager steps in two situations the serving loop meets and the mixed pass does not,
+    each paired with the same step shape run right after it (back to back), so that the
+    pair's difference is the switch cost whatever the process state: ``after_graph`` --
+    ``MIXED_DECODES`` decodes ran ``AFTER_GRAPH_STEPS`` CUDA-graph steps, then a fresh prompt
+    arrives (the mixed pass's step shape); ``after_idle`` -- the engine sat idle for
+    ``AFTER_IDLE_S``, then a lone prompt arrives. ``<kind>_b2b`` hold the paired steps, in
+    the same order. Wall = the step's start to the return of ``engine.step`` (it includes the
+    engine's update)."""
     from core.config import SchedulerConfig
     from core.engine import EngineCore
     from core.request import Request
@@ -668,15 +733,16 @@ def measure_eager_after(backend: Any, quick: bool, seed: int = 2) -> dict[str, l
             "max_model_len": runner.max_model_len}
     limit = min(runner.max_num_batched_tokens - MIXED_DECODES, runner.max_model_len - 1)
     sizes = [t for t in ((16, 64) if quick else AFTER_PREFILLS) if t <= limit]
-    reps = 2 if quick else 4
+    reps = 2 if quick else AFTER_REPS
     gap = 2 if quick else AFTER_GRAPH_STEPS
-    out: dict[str, list[tuple[Any, float, float]]] = {"after_graph": [], "after_idle": []}
-    for kind in ("after_graph", "after_idle"):
+    kinds = ("after_graph", "after_idle")
+    out: dict[str, list[tuple[Any, float, float]]] = {k: [] for k in (*kinds, *(f"{k}_b2b" for k in kinds))}
+    for kind in kinds:
         num_dec = (2 if quick else MIXED_DECODES) if kind == "after_graph" else 0
         engine = EngineCore(SchedulerConfig(**base), backend.cache_config, backend, eos_token_id=backend.eos_token_id)
         backend.bind(engine.scheduler.requests)
         backend.runner.reset()
-        need = len(sizes) * reps * (gap + 1) + 8
+        need = len(sizes) * reps * (gap + 2) + 8
         for i in range(num_dec):
             engine.add_request(Request(f"d{i}", rng.integers(3, vocab, size=32).tolist(),
                                        SamplingParams(max_tokens=need, ignore_eos=True), arrival_time=0.0))
@@ -684,6 +750,19 @@ def measure_eager_after(backend: Any, quick: bool, seed: int = 2) -> dict[str, l
         if num_dec:
             engine.step(0.0)
         k = 0
+
+        def prompt_step(t: int) -> tuple[Any, float, float] | None:
+            nonlocal k
+            engine.add_request(Request(f"a{k}", rng.integers(3, vocab, size=t).tolist(),
+                                       SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0))
+            k += 1
+            start = time.perf_counter()
+            res = engine.step(start - t0)
+            wall = time.perf_counter() - start
+            so = res.scheduler_output
+            ok = so is not None and not so.is_empty and len(so.req_ids) == num_dec + 1
+            return (so, wall, res.duration) if ok else None
+
         for t in sizes:
             for _ in range(reps):
                 if num_dec:
@@ -691,17 +770,25 @@ def measure_eager_after(backend: Any, quick: bool, seed: int = 2) -> dict[str, l
                         engine.step(time.perf_counter() - t0)
                 else:
                     time.sleep(0.05 if quick else AFTER_IDLE_S)
-                engine.add_request(Request(f"a{k}", rng.integers(3, vocab, size=t).tolist(),
-                                           SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0))
-                k += 1
-                start = time.perf_counter()
-                res = engine.step(start - t0)
-                wall = time.perf_counter() - start
-                so = res.scheduler_output
-                if so is not None and not so.is_empty and len(so.req_ids) == num_dec + 1:
-                    out[kind].append((so, wall, res.duration))
+                first, second = prompt_step(t), prompt_step(t)
+                if first is not None and second is not None:
+                    out[kind].append(first)
+                    out[f"{kind}_b2b"].append(second)
         for rid in list(engine.scheduler.requests):
             engine.abort_request(rid, 0.0)
+    return out
+
+
+def after_penalties(after: dict[str, list[tuple[Any, float, float]]]) -> dict[str, float]:
+    """``overhead.eager_after_graph_s`` / ``eager_after_idle_s``: the median over the pairs of
+    ``measure_eager_after`` of (wall after graph steps / idling - wall of the same shape run
+    right after it), never below 0 (a colder launch path cannot make a step cheaper; a
+    negative median is noise). 0 without pairs."""
+    out = {}
+    for kind in ("graph", "idle"):
+        first, second = after.get(f"after_{kind}", []), after.get(f"after_{kind}_b2b", [])
+        diffs = [a[1] - b[1] for a, b in zip(first, second)]
+        out[f"eager_after_{kind}_s"] = max(0.0, float(np.median(diffs))) if diffs else 0.0
     return out
 
 
@@ -762,6 +849,9 @@ def fit_overhead_v2(v2: dict[str, Any], records: dict[str, list[tuple[Any, float
         result[f"eager_{kind}"] = summ
         log(f"  eager {kind}: wall {[round(x * 1e3, 2) for x in summ['median_wall_s']]} ms vs model "
             f"{[round(x * 1e3, 2) for x in summ['median_predicted_device_s']]} ms")
+    v2["overhead"].update(after_penalties(after))
+    log(f"  switch penalties: after graph {v2['overhead']['eager_after_graph_s'] * 1e3:.2f} ms, "
+        f"after idle {v2['overhead']['eager_after_idle_s'] * 1e3:.2f} ms (paired)")
     return result
 
 
@@ -840,6 +930,15 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
             lm, smp = prof.lm_head_and_sampling(rows)
             log("attention")
             dec = prof.attn_decode(QUICK_DECODE if quick else FULL_DECODE)
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+            split_max, lat = decode_regime(dec["batch"], list(runner.capture_sizes), cfg.num_key_value_heads, sms,
+                                           runner.attention_num_splits)
+            if lat:
+                dec["lone_latency"] = prof.attn_decode_lone(
+                    lat, QUICK_LONE_CONTEXTS if quick else FULL_LONE_CONTEXTS,
+                    short=min(c for _, c in (QUICK_DECODE if quick else FULL_DECODE)))
+            dec_eager = prof.attn_decode(QUICK_DECODE_EAGER if quick else FULL_DECODE_EAGER, eager_tile=True)
+            uneven = prof.attn_decode_uneven(QUICK_DECODE_UNEVEN if quick else FULL_DECODE_UNEVEN)
             pre = prof.attn_prefill(QUICK_PREFILL if quick else FULL_PREFILL)
     finally:
         set_kernel_ops(previous)
@@ -865,6 +964,7 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
         "lm_head": {"num_rows": rows, "seconds": lm},
         "sampling": {"num_rows": rows, "seconds": smp},
         "attn_decode": dec,
+        "attn_decode_eager": dec_eager,
         "attn_prefill": pre,
         "overhead": {"eager_s": 0.0, "graph_s": 0.0, "graph_max_batch": graph_max},
         "meta": {
@@ -879,6 +979,7 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
             "timing": ("CUDA events around CUDA-graph replays of each op over all layers, median"
                        if dev.type == "cuda" else "perf_counter, median (CPU)"),
             "graph_capture_failures": prof.timer.graph_failures,
+            "attn_decode_uneven": uneven,
         },
     }
     if warm_pass is None:
@@ -890,11 +991,8 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
         warm = measure_engine_steps(backend, quick, log, seed=1, only_mixed=True)["mixed"]
         engine_records["mixed_cold"] = engine_records["mixed"]
         engine_records["mixed"] = warm
-    log("eager steps after graph steps and after idling (diagnostics)")
+    log("eager steps after graph steps and after idling, each paired with a back-to-back one")
     after = measure_eager_after(backend, quick, seed=2)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    split_max, lat = decode_regime(dec["batch"], list(runner.capture_sizes), cfg.num_key_value_heads, sms,
-                                   runner.attention_num_splits)
     ref_reqs = (2 if quick else MIXED_DECODES) + 1
     profile = make_v2(raw, pool_tokens=runner.num_gpu_blocks * runner.block_size, split_max_batch=split_max,
                       latency_batch=lat, graph_sizes=list(runner.capture_sizes), graph_s=0.0, cpu_per_request_s=0.0,

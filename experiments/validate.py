@@ -251,7 +251,7 @@ def _model_spec(record: dict[str, Any]) -> Any:
 
 
 def simulate_case(record: dict[str, Any], cost_model: str, options: dict[str, Any], out_dir: Path | None,
-                  hardware: str | None = None, fast_forward: bool = True) -> dict[str, Any]:
+                  hardware: str | None = None) -> dict[str, Any]:
     from core.config import SchedulerConfig
     from core.workloads.config import WorkloadConfig, build_workload
     from simulator.runner import SimulationConfig, run_simulation
@@ -262,7 +262,7 @@ def simulate_case(record: dict[str, Any], cost_model: str, options: dict[str, An
                            scheduler=SchedulerConfig(**record["scheduler"]), block_size=cache["block_size"],
                            enable_prefix_caching=cache["enable_prefix_caching"],
                            num_gpu_blocks=cache["num_gpu_blocks"], cost_model=cost_model,
-                           cost_model_options=options, fast_forward=fast_forward)
+                           cost_model_options=options)
     run = run_simulation(cfg, workload, out_dir=out_dir)
     return run.metrics
 
@@ -278,17 +278,12 @@ def _rel(sim: float | None, real: float | None) -> float:
     return (sim - real) / abs(real)
 
 
-def _sim_variants(profile: Path, baseline_profile: Path | None) -> list[tuple[str, str, dict[str, Any], bool]]:
-    """(label, cost model, options, fast_forward) of each simulator run per case. A v2 profile
-    runs without the decode fast-forward: ``simulator.simulation`` passes no longest context to
-    ``decode_step_times``, which then assumes equal contexts (exact only in step-by-step runs)."""
-    def ff(path: Path) -> bool:
-        return json.loads(path.read_text()).get("format") == "servelab-profile-v1"
-
-    out = [("calibrated", "calibrated", {"profile": str(profile)}, ff(profile))]
+def _sim_variants(profile: Path, baseline_profile: Path | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, cost model, options) of each simulator run per case."""
+    out = [("calibrated", "calibrated", {"profile": str(profile)})]
     if baseline_profile is not None:
-        out.append(("calibrated_v1", "calibrated", {"profile": str(baseline_profile)}, ff(baseline_profile)))
-    out.append(("roofline", "roofline", {}, True))
+        out.append(("calibrated_v1", "calibrated", {"profile": str(baseline_profile)}))
+    out.append(("roofline", "roofline", {}))
     return out
 
 
@@ -333,9 +328,9 @@ def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None =
         frames = {"real": pd.read_parquet(d / REQUESTS_FILE)}
         variants = _sim_variants(profile, baseline_profile)
         labels = [v[0] for v in variants]
-        for label, kind, opts, ff in variants:
+        for label, kind, opts in variants:
             sim_dir = sim_root / name / label
-            sims[label] = simulate_case(record, kind, opts, sim_dir, fast_forward=ff)
+            sims[label] = simulate_case(record, kind, opts, sim_dir)
             frames[label] = pd.read_parquet(sim_dir / REQUESTS_FILE)
         metrics_by_case[name] = {"real": real, **sims}
         for key in metric_keys():
@@ -592,30 +587,61 @@ def step_kind(df: Any, graph_max_batch: int) -> Any:
     return np.where(graph, "graph decode", "eager mixed")
 
 
+def eager_follows(df: Any) -> Any:
+    """What each eager step of ``df`` (one case's steps, in order, with ``kind``) follows:
+    'idle' (the engine idled more than ``IDLE_GAP_S`` before it), 'graph' or 'eager' (the
+    previous step's kind); '' for graph steps."""
+    import numpy as np
+
+    prev = df["kind"].shift(1).fillna("eager mixed").str.split().str[0]
+    follows = np.where(df["idle_before"].fillna(np.inf) > IDLE_GAP_S, "idle", prev)
+    return np.where(df["kind"] == "eager mixed", follows, "")
+
+
+def predict_in_order(model: Any, df: Any) -> list[float]:
+    """The model's step times for one case's steps, in order, telling it of idle gaps (as
+    the simulator must: ``note_idle``), so that a stateful model sees the real history."""
+    from simulator.cost_model.base import BatchShape
+
+    fields = [f.name for f in dataclasses.fields(BatchShape)]
+    note_idle = getattr(model, "note_idle", None)
+    out = []
+    for r in df[fields + ["idle_before"]].to_dict("records"):
+        idle = r.pop("idle_before")
+        if note_idle is not None and idle > IDLE_GAP_S:  # NaN (the first step) is not > anything
+            note_idle(idle)
+        out.append(model.step_time(BatchShape(**{f: int(v) for f, v in r.items()})).total)
+    return out
+
+
 def step_errors(real_root: Path, profiles: dict[str, Path], graph_max_batch: int = 256) -> tuple[Any, Any]:
     """Per real step: predicted (each profile) vs measured wall time. Returns (steps, summary)
     where summary has, per profile, step kind and case (and 'all'), the median signed and the
-    median / p90 absolute relative error. Steps followed by idling are left out."""
+    median / p90 absolute relative error; for 'all' also the eager steps split by what they
+    follow (``eager_follows``). Each case is predicted in step order by a fresh model (it may
+    be stateful). Steps followed by idling are left out."""
     import pandas as pd
 
-    from simulator.cost_model.base import BatchShape
     from simulator.cost_model.calibrated import CalibratedCostModel
 
     dirs = sorted(p.parent for p in real_root.glob("*/case.json"))
     frames = [replay_steps(d) for d in sorted(dirs, key=lambda p: CASE_ORDER.index(p.name)
                                                  if p.name in CASE_ORDER else 99)]
+    for f in frames:
+        f["kind"] = step_kind(f, graph_max_batch)
+        f["follows"] = eager_follows(f)
     df = pd.concat(frames, ignore_index=True)
-    df["kind"] = step_kind(df, graph_max_batch)
-    fields = [f.name for f in dataclasses.fields(BatchShape)]
-    shapes = [BatchShape(**{f: int(r[f]) for f in fields}) for r in df[fields].to_dict("records")]
     busy = (df["wall"] - df["duration"] <= IDLE_GAP_S) & df["match"]
     rows = []
     for label, path in profiles.items():
-        cm = CalibratedCostModel.from_file(path)
-        df[f"pred_{label}"] = [cm.step_time(s).total for s in shapes]
+        df[f"pred_{label}"] = [t for f in frames for t in predict_in_order(CalibratedCostModel.from_file(path), f)]
         df[f"err_{label}"] = df[f"pred_{label}"] / df["wall"] - 1.0
         sub = df[busy]
-        for (case, kind), g in [(("all", k), g) for k, g in sub.groupby("kind")] + list(sub.groupby(["case", "kind"])):
+        eager = sub[sub["kind"] == "eager mixed"]
+        groups = ([(("all", k), g) for k, g in sub.groupby("kind")]
+                  + [(("all", f"eager after {k}"), g) for k, g in eager.groupby("follows")]
+                  + list(sub.groupby(["case", "kind"])))
+        for (case, kind), g in groups:
             e = g[f"err_{label}"]
             rows.append({"profile": label, "case": case, "kind": kind, "steps": len(e),
                          "median_signed": float(e.median()), "median_abs": float(e.abs().median()),

@@ -26,7 +26,9 @@ class HardwareSpec:
     """One accelerator and the link between accelerators of one host.
 
     ``link_bandwidth`` is per direction (bytes/s) between two GPUs, which is what a ring
-    all-reduce step uses; ``link_latency`` is the fixed cost of one ring step (seconds).
+    all-reduce step uses; ``link_latency`` is the fixed cost of one ring step (seconds);
+    ``collective_overhead`` the fixed cost of one collective call whatever its size and
+    group (kernel launch and the ranks' rendezvous), which dominates small decode batches.
     ``peak_flops_fp8`` equals the bf16 peak on chips without FP8 tensor cores (A100):
     FP8 weights are then dequantized and only the memory traffic shrinks.
     """
@@ -39,6 +41,7 @@ class HardwareSpec:
     interconnect: str  # "nvlink" or "pcie"
     link_bandwidth: float
     link_latency: float
+    collective_overhead: float = 8e-6
     flops_efficiency: float = 0.8
     bandwidth_efficiency: float = 0.9
     link_efficiency: float = 0.8
@@ -53,8 +56,9 @@ class HardwareSpec:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"HardwareSpec.{name} must be in (0, 1], got {v!r}")
-        if self.link_latency < 0:
-            raise ValueError(f"HardwareSpec.link_latency must be >= 0, got {self.link_latency!r}")
+        for name in ("link_latency", "collective_overhead"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"HardwareSpec.{name} must be >= 0, got {getattr(self, name)!r}")
 
     def achievable_flops(self, fp8: bool = False) -> float:
         """FLOP/s a well-tuned GEMM reaches: peak x ``flops_efficiency``."""
@@ -72,7 +76,11 @@ class HardwareSpec:
 
 
 # Fixed cost of one ring step: an 8-GPU all-reduce (14 steps) of a small message then costs
-# ~21 us over NVLink, the order NCCL reaches; PCIe goes through the host bridge.
+# ~21 us over NVLink, the order NCCL reaches; PCIe goes through the host bridge. On top, each
+# collective call pays ``collective_overhead`` (default 8 us): a 2-GPU all-reduce of a few KB
+# then costs 11 us. Measured: NCCL's small-message all-reduce on 2 H100s with CUDA graphs is
+# ~6 us (nccl-tests, NVIDIA/nccl#1259); our TP=2 decode steps on 2 H200s (NVLS multicast
+# off) imply 10.8-16.1 us per all-reduce (docs/parallel.md), against 3 us without this term.
 _NVLINK_STEP_LATENCY = 1.5e-6
 _PCIE_STEP_LATENCY = 10e-6
 

@@ -6,6 +6,7 @@ This is the one function both the Hydra entry point and the benchmarks call, so 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,19 @@ def run_simulation(cfg: SimulationConfig, workload: Workload, out_dir: str | Pat
         engines.append(EngineCore(dataclasses.replace(cfg.scheduler), cache, backend, replica_id=i,
                                   record_steps=cfg.record_steps))
     requests, sessions = build_requests(workload)
-    sim = Simulation(engines, requests, router=par.router, fast_forward=cfg.fast_forward,
-                     closed_loop=sessions, think_time=cfg.think_time_s if workload.closed_loop is None
-                     else workload.closed_loop.think_time_s,
-                     stop_issuing_at=workload.duration_s if workload.is_closed_loop else None,
-                     on_progress=on_progress)
-    result = sim.run()
-    metrics = summarize(result.requests, result.steps, slo=cfg.slo)
+    # The requests' token lists (tens of millions of references for 10k long prompts) live
+    # through the run: frozen, the cyclic collector stops re-walking them (~0.3 s per 10k).
+    gc.freeze()
+    try:
+        sim = Simulation(engines, requests, router=par.router, fast_forward=cfg.fast_forward,
+                         closed_loop=sessions, think_time=cfg.think_time_s if workload.closed_loop is None
+                         else workload.closed_loop.think_time_s,
+                         stop_issuing_at=workload.duration_s if workload.is_closed_loop else None,
+                         on_progress=on_progress)
+        result = sim.run()
+        metrics = summarize(result.requests, result.steps, slo=cfg.slo)
+    finally:
+        gc.unfreeze()
     metrics["num_gpu_blocks"] = blocks
     metrics["num_cpu_blocks"] = cpu_blocks
     metrics["num_events"] = result.num_events

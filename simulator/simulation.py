@@ -99,9 +99,11 @@ class Replica:
         ff = self.sim.fast_forward
         while True:
             if not eng.has_unfinished():
+                idle_from = env.now
                 self.wake = env.event()
                 yield self.wake
                 self.wake = None
+                cost.note_idle(env.now - idle_from)
                 continue
             k = eng.decode_horizon() if ff else 0
             if k >= 2:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 
 from core.workloads._checks import check_int, check_optional_int
+
+if TYPE_CHECKING:
+    from pandas import DataFrame
 
 TRACES_ENV_VAR = "SERVELAB_TRACES"
 
@@ -97,11 +100,82 @@ def resolve_trace_path(kind: str, path: str | os.PathLike[str] | None = None) ->
     return path if path.is_absolute() else locate_traces_dir() / path
 
 
-# --- CSV helpers ---------------------------------------------------------------------
+# --- CSV fast path -------------------------------------------------------------------
+# The shipped CSV traces are plain: no quotes, one value per cell, the same number of
+# cells on every line. For such files, columns of decimal integers and of
+# "YYYY-MM-DD HH:MM:SS[.fff]" timestamps are parsed here with numpy alone: importing
+# pandas costs more CPU than the rest of building a 10,000-request workload. Anything
+# else (and every malformed file) goes to the pandas reader below, which gives the same
+# values and names the offending line.
+
+# Up to 15 digits: exact in float64, which the pandas path converts through.
+_INT_COLUMN = re.compile(r"(?:[0-9]{1,15}\n)*[0-9]{1,15}")
+_STAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2} (?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?"
+_STAMP_COLUMN = re.compile(rf"(?:{_STAMP}\n)*{_STAMP}")
+_NS_PER_S = 10**9
+
+
+def _plain_csv(path: Path, columns: Sequence[str], max_rows: int | None) -> dict[str, list[str]] | None:
+    """The cells of ``columns`` in the first ``max_rows`` data lines, or None if the file
+    is not plain (see above) or cannot be read: the pandas reader then decides."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    text = text.replace("\r\n", "\n")
+    if '"' in text or "\r" in text or text.startswith("\ufeff"):
+        return None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if len(lines) < 2:
+        return None
+    header = lines[0].split(",")
+    rows = lines[1:] if max_rows is None else lines[1:1 + max_rows]
+    if len(set(header)) != len(header) or any(c not in header for c in columns):
+        return None
+    commas = len(header) - 1
+    if any(line.count(",") != commas for line in rows):
+        return None
+    cells = ",".join(rows).split(",")
+    return {c: cells[header.index(c)::len(header)] for c in columns}
+
+
+def _plain_ints(cells: list[str], minimum: int) -> np.ndarray | None:
+    """Decimal integer cells >= ``minimum`` as int64, or None."""
+    if _INT_COLUMN.fullmatch("\n".join(cells)) is None:
+        return None
+    values = np.fromiter(map(int, cells), dtype=np.int64, count=len(cells))
+    return values if values.min() >= minimum else None
+
+
+def _plain_seconds(cells: list[str]) -> np.ndarray | None:
+    """Datetime cells as float seconds after the first one, or None.
+
+    Bit for bit what ``(stamps - stamps[0]).dt.total_seconds()`` gives in pandas: whole
+    seconds plus the remainder divided separately. Beyond 2**53 ns pandas adjusts the
+    last bit, so such spans go to pandas.
+    """
+    if _STAMP_COLUMN.fullmatch("\n".join(cells)) is None:
+        return None
+    try:
+        ns = np.array(cells, dtype="datetime64[ns]").view(np.int64)
+    except ValueError:  # a day, month or year out of range: pandas names the line
+        return None
+    ns = ns - ns[0]
+    if np.abs(ns).max() > 2**53:
+        return None
+    whole, rest = np.divmod(ns, _NS_PER_S)
+    return whole + rest / _NS_PER_S
+
+
+# --- CSV via pandas ------------------------------------------------------------------
 # Rows are read as strings with blank lines kept, so DataFrame row i is physical line i + 2
 # (line 1 is the header) and every error can name its line.
 
-def _read_csv(path: Path, columns: Sequence[str], max_rows: int | None) -> pd.DataFrame:
+def _read_csv(path: Path, columns: Sequence[str], max_rows: int | None) -> DataFrame:
+    import pandas as pd  # here, not at module level: see the fast path above
+
     if not path.is_file():
         raise FileNotFoundError(f"trace file not found: {path}")
     try:
@@ -121,7 +195,9 @@ def _read_csv(path: Path, columns: Sequence[str], max_rows: int | None) -> pd.Da
     return df
 
 
-def _numeric_column(df: pd.DataFrame, col: str, path: Path, minimum: float, integer: bool) -> np.ndarray:
+def _numeric_column(df: DataFrame, col: str, path: Path, minimum: float, integer: bool) -> np.ndarray:
+    import pandas as pd
+
     raw = df[col]
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values) | (values < minimum)
@@ -152,7 +228,18 @@ def read_azure_trace(path: str | os.PathLike[str], max_rows: int | None = None) 
     """
     path = Path(path)
     max_rows = check_optional_int("read_azure_trace", "max_rows", max_rows, 1)
-    df = _read_csv(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), max_rows)
+    columns = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+    plain = _plain_csv(path, columns, max_rows)
+    if plain is not None:
+        times = _plain_seconds(plain["TIMESTAMP"])
+        inputs = _plain_ints(plain["ContextTokens"], 1)
+        outputs = _plain_ints(plain["GeneratedTokens"], 1)
+        if times is not None and inputs is not None and outputs is not None:
+            _check_sorted(times, path)
+            return TraceData(path=path, input_lens=inputs, output_lens=outputs, timestamps_s=times)
+    import pandas as pd
+
+    df = _read_csv(path, columns, max_rows)
     stamps = pd.to_datetime(df["TIMESTAMP"], format="ISO8601", errors="coerce")
     if stamps.isna().any():
         i = int(np.flatnonzero(stamps.isna().to_numpy())[0])
@@ -170,7 +257,14 @@ def read_sharegpt_lengths(path: str | os.PathLike[str], max_rows: int | None = N
     """ShareGPT lengths (Sarathi-Serve / Vidur): ``num_prefill_tokens,num_decode_tokens,...``; no timestamps."""
     path = Path(path)
     max_rows = check_optional_int("read_sharegpt_lengths", "max_rows", max_rows, 1)
-    df = _read_csv(path, ("num_prefill_tokens", "num_decode_tokens"), max_rows)
+    columns = ("num_prefill_tokens", "num_decode_tokens")
+    plain = _plain_csv(path, columns, max_rows)
+    if plain is not None:
+        inputs = _plain_ints(plain["num_prefill_tokens"], 1)
+        outputs = _plain_ints(plain["num_decode_tokens"], 1)
+        if inputs is not None and outputs is not None:
+            return TraceData(path=path, input_lens=inputs, output_lens=outputs)
+    df = _read_csv(path, columns, max_rows)
     return TraceData(path=path,
                      input_lens=_numeric_column(df, "num_prefill_tokens", path, 1, integer=True),
                      output_lens=_numeric_column(df, "num_decode_tokens", path, 1, integer=True))

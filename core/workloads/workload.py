@@ -1,6 +1,9 @@
 """The workload a run replays: an ordered list of request records plus how to issue them."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -9,6 +12,34 @@ from core.request import Request
 from core.sampling_params import SamplingParams
 from core.workloads.arrivals import ClosedLoopSpec
 from core.workloads.prompts import TokenSegments, segments_len, segments_to_list
+
+
+@functools.lru_cache(maxsize=None, typed=True)
+def _sampling_params(max_tokens: int) -> SamplingParams:
+    """One shared ``SamplingParams`` per output length: they are frozen, and building one
+    per request (its ``__post_init__`` checks) was a visible cost of large workloads.
+    ``typed`` keeps e.g. ``numpy.int64`` keys apart, so those are still rejected."""
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Suspend the cyclic garbage collector while ``Request`` objects are built.
+
+    A collection walks every list it tracks item by item, and a large workload's prompt
+    lists hold 10^7 token references: the collections the allocations trigger re-walked
+    the growing lists again and again and took half of the construction time. What is
+    built here forms no reference cycles, so they could free nothing; after the pause, the
+    next collection walks the new objects once (a caller that ``gc.freeze()``s them right
+    away never pays even that).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(slots=True, eq=False)
@@ -59,7 +90,7 @@ class WorkloadRequest:
         return Request(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
-            sampling_params=SamplingParams(max_tokens=self.max_tokens, ignore_eos=True),
+            sampling_params=_sampling_params(self.max_tokens),
             arrival_time=when,
             priority=self.priority,
             deadline=None if self.deadline_s is None else when + self.deadline_s,
@@ -122,23 +153,25 @@ class Workload:
         """``Request`` objects for a driver: open-loop requests at their arrival times, or
         closed-loop per-user sequences (each first arrival at 0; a driver re-times the rest),
         with ``forced_output_token_ids`` set for multi-turn conversations."""
-        forced = self.forced_outputs()
+        with _gc_paused():
+            forced = self.forced_outputs()
 
-        def make(wr: WorkloadRequest, t: float) -> Request:
-            req = wr.to_request(t)
-            req.forced_output_token_ids = forced.get(wr.request_id)
-            return req
+            def make(wr: WorkloadRequest, t: float) -> Request:
+                req = wr.to_request(t)
+                req.forced_output_token_ids = forced.get(wr.request_id)
+                return req
 
-        if self.closed_loop is not None:
-            return [], [[make(wr, 0.0) for wr in queue] for queue in self.user_queues()]
-        return [make(wr, wr.arrival_time) for wr in self.requests], []
+            if self.closed_loop is not None:
+                return [], [[make(wr, 0.0) for wr in queue] for queue in self.user_queues()]
+            return [make(wr, wr.arrival_time) for wr in self.requests], []
 
     def to_requests(self) -> list[Request]:
         """Open loop: every record as a ``Request`` at its own arrival time."""
         if self.closed_loop is not None:
             raise ValueError("to_requests() needs arrival times; a closed-loop workload is issued per user "
                              "(user_queues() and WorkloadRequest.to_request(arrival_time))")
-        return [r.to_request() for r in self.requests]
+        with _gc_paused():
+            return [r.to_request() for r in self.requests]
 
 
 __all__ = ["WorkloadRequest", "Workload"]

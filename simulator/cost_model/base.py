@@ -125,6 +125,13 @@ class CostModel(ABC):
     def step_time(self, batch: BatchShape) -> StepTiming:
         """Duration of one engine step running ``batch``; O(1) in the batch size."""
 
+    def note_idle(self, seconds: float) -> None:
+        """The replica sat idle (nothing to run) for ``seconds`` before its next step.
+
+        The simulator reports every idle gap; a stateless model ignores it, a calibrated one
+        may charge the first step after idling more (cold caches, clocks ramping up).
+        """
+
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
                           max_context: int | None = None) -> np.ndarray:
         """Durations of ``k`` consecutive pure-decode steps of ``batch_size`` requests.

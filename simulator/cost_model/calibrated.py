@@ -48,6 +48,14 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   ones (and eager steps) do not, so each program walks its request's whole context and the
   kernel cannot end before its longest request: the time is at least the ``latency_batch``
   line (the smallest non-split batch measured) at the batch's longest context.
+* Optional ``attn_decode.lone_latency`` ({"context": [...], "seconds": [...]}: the latency
+  batch with one request at that context and the others at the shortest one) replaces the
+  latency line: in serving the longest request's programs share the GPU with shorter ones,
+  not with equally long ones.
+* Optional ``attn_decode_eager`` (a grid like ``attn_decode``): decode rows launched beside a
+  prefill chunk, where the kernel tiles every query block for the chunk (64 query rows
+  instead of 16) and a serving chunk leaves the launch unsplit. Without it such rows use
+  the graph grid.
 * Per-request host time (input preparation, the engine's update) is ``cpu_per_request_s``
   per scheduled request, explicit instead of folded into attention.
 * An eager step is bound by the CPU launching its kernels: ``max(eager_floor(tokens),
@@ -56,6 +64,12 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   ``eager_ref_reqs`` requests) minus ``eager_s``, and ``eager_s`` the part of an eager step
   that does not overlap the device (measured where the device time dominates). The part of
   the floor not covered by device work is reported as ``cpu_overhead``.
+* An eager step that follows a graph step or idling may cost more than one that follows
+  another eager step (the launch path is cold): optional ``overhead.eager_after_graph_s`` /
+  ``eager_after_idle_s`` (default 0) are added to its launch floor, so they hide behind a
+  device-bound step. This makes the model stateful: ``step_time`` must be called once per
+  executed step, in order (``decode_step_times`` counts as its k steps), and the simulator
+  reports idling with ``note_idle``.
 """
 from __future__ import annotations
 
@@ -120,6 +134,55 @@ def _section(profile: dict[str, Any], key: str, fields: Sequence[str]) -> dict[s
     return sec
 
 
+#: What an eager step can follow, for its launch penalty (``CalibratedCostModel``'s state).
+AFTER_EAGER, AFTER_GRAPH, AFTER_IDLE = "eager", "graph", "idle"
+
+
+class DecodeGrid:
+    """Decode attention measured at (batch, per-request context) points with equal contexts:
+    piecewise-linear in context along each batch line, linear in batch between lines, and
+    proportional to the batch beyond the largest one."""
+
+    def __init__(self, table: dict[str, Any], what: str) -> None:
+        lines: dict[int, list[tuple[float, float]]] = {}
+        for b, c, t in zip(table["batch"], table["context"], table["seconds"]):
+            lines.setdefault(int(b), []).append((float(c), float(t)))
+        self.batches = sorted(lines)
+        self.lines = [PiecewiseLinear([c for c, _ in sorted(lines[b])], [t for _, t in sorted(lines[b])],
+                                      f"{what}[batch={b}]") for b in self.batches]
+
+    def line(self, batch: int) -> PiecewiseLinear | None:
+        """The measured line of exactly ``batch`` rows, if there is one."""
+        return self.lines[self.batches.index(batch)] if batch in self.batches else None
+
+    def __call__(self, batch: float, context: float) -> float:
+        bs, lines = self.batches, self.lines
+        if batch >= bs[-1]:
+            return lines[-1](context) * (batch / bs[-1])
+        if batch <= bs[0]:
+            return lines[0](context)
+        i = bisect.bisect_left(bs, batch)
+        hi = lines[i](context)
+        if bs[i] == batch:
+            return hi
+        lo = lines[i - 1](context)
+        return lo + (hi - lo) * ((batch - bs[i - 1]) / (bs[i] - bs[i - 1]))
+
+    def many(self, batch: float, contexts: np.ndarray) -> np.ndarray:
+        """``self(batch, c)`` for every c, in the same float operations (so equal)."""
+        bs, lines = self.batches, self.lines
+        if batch >= bs[-1]:
+            return _pl_vec(lines[-1], contexts) * (batch / bs[-1])
+        if batch <= bs[0]:
+            return _pl_vec(lines[0], contexts)
+        i = bisect.bisect_left(bs, batch)
+        hi = _pl_vec(lines[i], contexts)
+        if bs[i] == batch:
+            return hi
+        lo = _pl_vec(lines[i - 1], contexts)
+        return lo + (hi - lo) * ((batch - bs[i - 1]) / (bs[i] - bs[i - 1]))
+
+
 class CalibratedCostModel(CostModel):
     """Step times interpolated from a measured profile (see the module docstring)."""
 
@@ -161,15 +224,14 @@ class CalibratedCostModel(CostModel):
 
     def _init_v2(self, profile: dict[str, Any]) -> None:
         dec = _section(profile, "attn_decode", ("batch", "context", "seconds"))
-        lines: dict[int, list[tuple[float, float]]] = {}
-        for b, c, t in zip(dec["batch"], dec["context"], dec["seconds"]):
-            lines.setdefault(int(b), []).append((float(c), float(t)))
-        self._dec_batches = sorted(lines)
-        self._dec_lines = [PiecewiseLinear([c for c, _ in sorted(lines[b])], [t for _, t in sorted(lines[b])],
-                                           f"attn_decode[batch={b}]") for b in self._dec_batches]
+        self._grid = DecodeGrid(dec, "attn_decode")
+        eager = profile.get("attn_decode_eager")
+        self._eager_grid = (DecodeGrid(_section(profile, "attn_decode_eager", ("batch", "context", "seconds")),
+                                       "attn_decode_eager") if eager else self._grid)
         self.split_max_batch = int(dec.get("split_max_batch", 0))
-        lat = int(dec.get("latency_batch", 0))
-        self._latency_line = self._dec_lines[self._dec_batches.index(lat)] if lat in lines else None
+        lone = dec.get("lone_latency")
+        self._latency_line = (PiecewiseLinear(lone["context"], lone["seconds"], "attn_decode.lone_latency") if lone
+                              else self._grid.line(int(dec.get("latency_batch", 0))))
         over = profile.get("overhead") or {}
         self.graph_sizes = sorted(int(x) for x in over.get("graph_sizes", []))
         self.cpu_per_request = float(over.get("cpu_per_request_s", 0.0))
@@ -177,24 +239,20 @@ class CalibratedCostModel(CostModel):
         floor = profile.get("eager_floor")
         self._eager_floor = (PiecewiseLinear(floor["num_tokens"], floor["seconds"], "eager_floor")
                              if floor else None)
+        self.eager_after = {AFTER_EAGER: 0.0, AFTER_GRAPH: float(over.get("eager_after_graph_s", 0.0)),
+                            AFTER_IDLE: float(over.get("eager_after_idle_s", 0.0))}
+        self._after = AFTER_IDLE  # what the next step follows: a run starts on an idle engine
 
-    def _decode_grid(self, batch: float, context: float) -> float:
-        """The decode grid at ``batch`` rows of ``context`` each (see the module docstring)."""
-        bs, lines = self._dec_batches, self._dec_lines
-        if batch >= bs[-1]:
-            return lines[-1](context) * (batch / bs[-1])
-        if batch <= bs[0]:
-            return lines[0](context)
-        i = bisect.bisect_left(bs, batch)
-        hi = lines[i](context)
-        if bs[i] == batch:
-            return hi
-        lo = lines[i - 1](context)
-        return lo + (hi - lo) * ((batch - bs[i - 1]) / (bs[i] - bs[i - 1]))
+    def note_idle(self, seconds: float) -> None:
+        """The replica sat idle (no unfinished request) for ``seconds`` before its next step.
+        The simulator calls this as an idle replica wakes up; the next eager step then pays
+        ``eager_after_idle_s`` (the profile measures one idle length, so any idle counts)."""
+        if seconds > 0.0:
+            self._after = AFTER_IDLE
 
     def _attn_decode_v2(self, rows: int, num_decode: int, sum_context: float, max_context: float,
                         split: bool) -> float:
-        t = self._decode_grid(rows, sum_context / num_decode)
+        t = self._grid(rows, sum_context / num_decode)
         if not split and self._latency_line is not None:
             lat = self._latency_line(max_context)
             if lat > t:
@@ -217,8 +275,10 @@ class CalibratedCostModel(CostModel):
                                               t <= self.split_max_batch)
             else:
                 # One launch runs the prefill chunks' and the decode rows' programs side by side:
-                # it lasts at least their summed work and at least its longest program.
-                attn_d = self._decode_grid(batch.num_decode, batch.decode_context / batch.num_decode)
+                # it lasts at least their summed work and at least its longest program. Beside a
+                # chunk the decode rows get the chunk's larger query tile (attn_decode_eager).
+                grid = self._eager_grid if batch.prefill_tokens else self._grid
+                attn_d = grid(batch.num_decode, batch.decode_context / batch.num_decode)
                 if self._latency_line is not None:
                     lat = self._latency_line(batch.max_decode_context) - attn_p
                     if lat > attn_d:
@@ -232,10 +292,11 @@ class CalibratedCostModel(CostModel):
         else:
             cpu = self.eager_overhead + self.cpu_per_request * (batch.num_reqs - self.eager_ref_reqs)
             if self._eager_floor is not None:
-                floor = self._eager_floor(batch.num_tokens)
+                floor = self._eager_floor(batch.num_tokens) + self.eager_after[self._after]
                 if floor > device:  # the GPU waits for the launches
                     cpu += floor - device
             cpu = cpu if cpu > zero else zero
+        self._after = AFTER_GRAPH if graph else AFTER_EAGER
         breakdown["cpu_overhead"] = cpu
         return StepTiming(device + cpu, breakdown)
 
@@ -288,42 +349,31 @@ class CalibratedCostModel(CostModel):
 
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
                           max_context: int | None = None) -> np.ndarray:
-        """Vectorised: in a pure-decode run only decode attention changes from step to step."""
+        """Vectorised: in a pure-decode run only decode attention changes from step to step.
+        For v2 this stands for k executed steps (it advances the model's state like them)."""
         if k <= 0:
             return np.empty(0)
         shape = BatchShape.decode(batch_size, sum_context, max_context)
+        if self.version == 2:
+            return self._decode_step_times_v2(batch_size, sum_context, k, shape.max_decode_context)
         first = self.step_time(shape)
         if batch_size == 0:
             return np.full(k, first.total)
-        if self.version == 2:
-            return self._decode_step_times_v2(batch_size, sum_context, k, first, shape.max_decode_context)
         context = sum_context + batch_size * np.arange(k, dtype=float)
         attn = np.maximum(self._attn_decode(batch_size, context), 0.0)
         return (first.total - attn[0]) + attn
 
-    def _decode_step_times_v2(self, batch_size: int, sum_context: int, k: int, first: StepTiming,
-                              max_context: int) -> np.ndarray:
+    def _decode_step_times_v2(self, batch_size: int, sum_context: int, k: int, max_context: int) -> np.ndarray:
         """``step_time`` of the k steps with numpy, in the same float operations (so equal)."""
-        graph = batch_size <= self.graph_max_batch
-        if not graph:  # eager pure-decode steps: the launch floor makes the total non-additive
+        if not 0 < batch_size <= self.graph_max_batch:
+            # eager pure-decode steps: the launch floor (and the state) make them non-additive
             return np.array([self.step_time(BatchShape.decode(batch_size, sum_context + j * batch_size,
-                                                              max_context + j)).total for j in range(k)])
+                                                              max_context + j if batch_size else 0)).total
+                             for j in range(k)])
+        first = self.step_time(BatchShape.decode(batch_size, sum_context, max_context))
         rows = self._padded(batch_size)
         j = np.arange(k, dtype=float)
-        mean = (sum_context + batch_size * j) / batch_size
-        bs, lines = self._dec_batches, self._dec_lines
-        if rows >= bs[-1]:
-            attn = _pl_vec(lines[-1], mean) * (rows / bs[-1])
-        elif rows <= bs[0]:
-            attn = _pl_vec(lines[0], mean)
-        else:
-            i = bisect.bisect_left(bs, rows)
-            hi = _pl_vec(lines[i], mean)
-            if bs[i] == rows:
-                attn = hi
-            else:
-                lo = _pl_vec(lines[i - 1], mean)
-                attn = lo + (hi - lo) * ((rows - bs[i - 1]) / (bs[i] - bs[i - 1]))
+        attn = self._grid.many(rows, (sum_context + batch_size * j) / batch_size)
         if not (rows <= self.split_max_batch) and self._latency_line is not None:
             attn = np.maximum(attn, _pl_vec(self._latency_line, max_context + j))
         rest = first.total - first.breakdown["attn_decode"]

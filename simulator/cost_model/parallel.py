@@ -7,15 +7,15 @@ one replicated K/V head. Each layer ends its attention and its MLP with an all-r
 layer's activations (``num_tokens x hidden`` elements), modelled as a ring::
 
     t_allreduce = 2 (tp - 1) / tp * bytes / (link_bandwidth * link_efficiency)
-                  + 2 (tp - 1) * link_latency
+                  + 2 (tp - 1) * link_latency + collective_overhead
 
-(``2 (tp - 1)`` ring steps, each paying one link latency). This is the textbook bandwidth
-term plus a latency term that dominates small decode batches.
+(``2 (tp - 1)`` ring steps, each paying one link latency, plus the fixed cost of the call).
+This is the textbook bandwidth term plus latency terms that dominate small decode batches.
 
 Pipeline parallel (degree ``pp``): the layers are split into ``pp`` equal stages; the first
 also runs the embedding, the last the final norm, LM head and sampling; each stage but the
 last sends its activations (``num_tokens x hidden``) to the next over one link
-(``bytes / link + link_latency``). A step's batch is split into ``m`` micro-batches of equal
+(``bytes / link + link_latency + collective_overhead``). A step's batch is split into ``m`` micro-batches of equal
 aggregates; micro-batch ``i`` enters stage ``s`` when both are free, so the step takes the
 classic pipeline time::
 
@@ -74,9 +74,10 @@ def ring_allreduce_time(num_bytes: float, tp: int, hardware: HardwareSpec) -> fl
     if tp == 1:
         return 0.0
     steps = 2 * (tp - 1)
-    return steps / tp * num_bytes / hardware.achievable_link_bandwidth + steps * hardware.link_latency
+    return (steps / tp * num_bytes / hardware.achievable_link_bandwidth + steps * hardware.link_latency
+            + hardware.collective_overhead)
 
 
 def p2p_send_time(num_bytes: float, hardware: HardwareSpec) -> float:
     """Seconds to send ``num_bytes`` from one GPU to the next pipeline stage."""
-    return num_bytes / hardware.achievable_link_bandwidth + hardware.link_latency
+    return num_bytes / hardware.achievable_link_bandwidth + hardware.link_latency + hardware.collective_overhead

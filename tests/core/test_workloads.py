@@ -1,7 +1,12 @@
 """Tests for core.workloads: arrivals, lengths, prompt content, trace readers, the builder."""
 from __future__ import annotations
 
+import gc
+import hashlib
 import math
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +24,7 @@ from core.workloads import (ClosedLoopSpec, EmpiricalLengths, FixedIntervalArriv
                             locate_traces_dir, random_token_segments, read_azure_trace, read_burstgpt_trace,
                             read_mooncake_trace, read_sharegpt_lengths, resolve_trace_path, segments_to_list,
                             truncate_segments)
+from core.workloads import traces
 from core.workloads.traces import TRACES_ENV_VAR
 
 
@@ -467,3 +473,170 @@ def test_contradictory_specs_rejected(spec, match):
 def test_bad_component_parameters(make):
     with pytest.raises(ValueError):
         make()
+
+
+# --- pinned outputs: speed-ups must not change a single token, length or arrival -------
+# Digests taken from the implementation before the construction fast paths; any change
+# to them means the same seed no longer gives the same workload.
+
+def _hex(x: float | None) -> str:
+    return "None" if x is None else float(x).hex()
+
+
+def _workload_digest(spec: dict) -> str:
+    w = build_workload(spec)
+    h = hashlib.sha256()
+    for r in w:
+        h.update(repr((r.request_id, _hex(r.arrival_time), r.max_tokens, r.priority, _hex(r.deadline_s),
+                       r.client_id, r.conversation_id, r.turn)).encode())
+        h.update(np.asarray(r.prompt_token_ids, dtype=np.int64).tobytes())
+    opened, sessions = w.core_requests()  # what simulator.runner.build_requests returns
+    for req in opened + [q for s in sessions for q in s]:
+        h.update(repr((req.request_id, _hex(req.arrival_time), req.priority, _hex(req.deadline), req.max_tokens,
+                       req.sampling_params.ignore_eos, req.expected_output_len, req.client_id,
+                       req.forced_output_token_ids)).encode())
+        h.update(np.asarray(req.prompt_token_ids, dtype=np.int64).tobytes())
+        assert req.all_token_ids == req.prompt_token_ids and req.all_token_ids is not req.prompt_token_ids
+        assert all(type(t) is int for t in req.prompt_token_ids[:50])
+    return h.hexdigest()[:24]
+
+
+def _trace_digest(trace) -> str:
+    h = hashlib.sha256()
+    for a in (trace.input_lens, trace.output_lens, trace.timestamps_s):
+        if a is not None:
+            h.update(str(a.dtype).encode())
+            h.update(a.tobytes())
+    h.update(repr(trace.hash_ids).encode())
+    h.update(repr(trace.skipped).encode())
+    return h.hexdigest()[:24]
+
+
+_PINNED_WORKLOADS = [
+    ("b6402e20cea89bdaccad7395", dict(kind="synthetic", lengths="azure_conv", arrival="poisson", rate=18.9,
+                                      num_requests=2000, seed=0, max_model_len=8192)),  # bench_sim's, smaller
+    ("e2cf97c6fb92520452fc6d38", dict(num_requests=300, rate=4.0, seed=3)),
+    ("92b9a18b61acd9b163ef9f87", dict(lengths="uniform", input_range=(1, 300), output_range=(1, 50),
+                                      arrival="gamma", rate=7.0, cv=2.0, num_requests=400, seed=11,
+                                      system_prompt_lens=(64, 200, 5), num_priorities=3, deadline_s=1.5,
+                                      vocab_size=128256)),
+    ("46755175de303a3bfa511732", dict(lengths="uniform", input_range=(5, 120), output_range=(3, 40), num_turns=4,
+                                      num_requests=301, rate=3.0, seed=5, system_prompt_lens=(50, 90),
+                                      max_model_len=400, arrival="fixed")),
+    ("1a0003014ebf0dae3c477c0b", dict(lengths="fixed", input_len=33, output_len=7, arrival="closed_loop",
+                                      num_users=4, think_time_s=0.25, num_turns=3, num_requests=50, seed=2,
+                                      vocab_size=1000, duration_s=30.0)),
+    ("faadaebbf6185beb50b11237", dict(kind="azure_code", num_requests=500, speed=2.0, seed=1)),
+    ("de959cc861c81b64f0d57737", dict(kind="azure_conv", num_requests=None, duration_s=120.0, max_model_len=4096)),
+    ("1c830fd4e7c6adb3cde27b2e", dict(kind="mooncake", num_requests=300, vocab_size=32000, seed=4)),
+]
+
+
+@pytest.mark.parametrize("digest, spec", _PINNED_WORKLOADS)
+def test_pinned_workloads_and_requests(digest, spec):
+    _traces()
+    assert _workload_digest(spec) == digest
+
+
+@pytest.fixture(params=["fast", "pandas"])
+def csv_path(request, monkeypatch):
+    """Run a test with the CSV fast path, then with every file sent to the pandas reader."""
+    if request.param == "pandas":
+        monkeypatch.setattr(traces, "_plain_csv", lambda *args: None)
+    return request.param
+
+
+@pytest.mark.parametrize("digest, kind, reader", [
+    ("4c1fb793043898b07fa944af", "azure_conv", read_azure_trace),
+    ("5c4640c9848a11050c0d5afd", "azure_code", read_azure_trace),
+    ("82ceae2ad1661112f90ef421", "sharegpt", read_sharegpt_lengths),
+    ("339ea5e7db25ce424f6cbf45", "mooncake", read_mooncake_trace),
+])
+def test_pinned_trace_files(csv_path, digest, kind, reader):
+    _traces()
+    assert _trace_digest(reader(resolve_trace_path(kind))) == digest
+
+
+_AZURE_VARIANTS = ("TIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:17:03.9799600,4808,10\r\n"
+                   "2023-11-16 18:17:04,3180,8\r\n2023-11-16 18:17:04.123456789,77,3\r\n"
+                   "2023-11-16 18:17:04.5,1,1\r\n2023-11-17 00:00:00.0000001,12,2\r\n")
+_BURSTGPT_FLOATS = (BURST_HEADER + "0.5,ChatGPT,472,18,490,Conversation log\n1.25,GPT-4,3,0,3,API log\n"
+                    "3.1415926535,ChatGPT,0,5,5,API log\n7.1e1,GPT-4,10,20,30,API log\n"
+                    "1234567.000001,ChatGPT,9,9,18,Conversation log\n")
+_SHAREGPT_EXTRA = "num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n74,918,992,0.08\n290,905,1195,x\n"
+
+
+@pytest.mark.parametrize("digest, text, reader", [
+    ("3ab3683b5cf902fe58d88d3e", _AZURE_VARIANTS, read_azure_trace),
+    ("7fc7cf09348d23b9f815f1e5", _BURSTGPT_FLOATS, read_burstgpt_trace),
+    ("81f3d8bd0d6811ca018363ff", _SHAREGPT_EXTRA, read_sharegpt_lengths),
+])
+def test_pinned_small_csv_variants(csv_path, tmp_path, digest, text, reader):
+    path = tmp_path / "trace.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    assert _trace_digest(reader(path)) == digest
+    assert _trace_digest(reader(path, max_rows=2)) == _trace_digest(reader(path, max_rows=2))
+
+
+@pytest.mark.parametrize("text", [
+    "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,4808,10\n2023-11-16 18:17:04,0012,8\n",
+    "TIMESTAMP,ContextTokens,GeneratedTokens,\n2023-11-16 18:17:03.5,4808,10,\n2023-11-16 18:17:04,12,8,x\n",
+    "GeneratedTokens,TIMESTAMP,ContextTokens\n10,1999-12-31 23:59:59.999999999,4808\n8,2000-01-01 00:00:00,12",
+    "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,4808,10\n2023-11-16 18:17:04,12,8\n\nbad\n",
+    '"TIMESTAMP",ContextTokens,GeneratedTokens\n"2023-11-16 18:17:03",4808,10\n',
+    "TIMESTAMP,ContextTokens,GeneratedTokens\r2023-11-16 18:17:03,4808,10\r",
+    "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,4808,10\n2024-03-01 18:17:04,12,8\n",
+])
+def test_csv_fast_path_agrees_with_pandas(tmp_path, monkeypatch, text):
+    """Plain files take the fast path (quoted or CR-only ones do not); both give the same
+    values, including row limits that stop before a malformed line."""
+    path = tmp_path / "azure.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    fast = [_trace_digest(read_azure_trace(path, max_rows=m)) for m in (1, 2)]
+    monkeypatch.setattr(traces, "_plain_csv", lambda *args: None)
+    assert fast == [_trace_digest(read_azure_trace(path, max_rows=m)) for m in (1, 2)]
+
+
+def test_bench_path_does_not_import_pandas():
+    """pandas (with pyarrow) costs ~0.3 s CPU to import, more than building the workload:
+    only writing result files should need it."""
+    _traces()
+    code = ("import sys\n"
+            "from core.workloads import build_workload, read_sharegpt_lengths, resolve_trace_path\n"
+            "from simulator.runner import build_requests, run_simulation\n"
+            "from core.metrics import summarize\n"
+            "w = build_workload(dict(lengths='azure_conv', num_requests=20, max_model_len=8192))\n"
+            "build_requests(w)\n"
+            "read_sharegpt_lengths(resolve_trace_path('sharegpt'))\n"
+            "print(sorted(m for m in ('pandas', 'pyarrow', 'matplotlib') if m in sys.modules))\n")
+    root = Path(core.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(-5, 300_000), max_size=8), max_size=4),
+       st.sampled_from([np.int32, np.int64, np.uint16, np.uint32, np.float64]))
+def test_segments_to_list_equals_tolist(parts, dtype):
+    segs = tuple(np.asarray([t % 65536 if dtype == np.uint16 else abs(t) if dtype == np.uint32 else t
+                             for t in p], dtype=dtype) for p in parts)
+    expected = np.concatenate(segs).tolist() if segs else []
+    got = segments_to_list(segs)
+    assert got == expected and [type(t) for t in got] == [type(t) for t in expected]
+
+
+def test_core_requests_share_sampling_params_and_keep_gc_state():
+    w = build_workload(_synthetic(num_requests=6))
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            reqs, _ = w.core_requests()
+            assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert len({id(r.sampling_params) for r in reqs}) == 1 and reqs[0].sampling_params.max_tokens == 4
+    bad = WorkloadRequest("x", 0.0, w.requests[0].prompt_segments, max_tokens=np.int64(4))
+    with pytest.raises(ValueError, match="max_tokens"):
+        bad.to_request()

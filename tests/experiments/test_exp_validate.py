@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from core.results import write_results
 from core.workloads.config import WorkloadConfig, build_workload
 from experiments import validate
 from simulator.cost_model import BatchShape, CalibratedCostModel, make_cost_model
+from simulator.cost_model.base import StepTiming
 from simulator.hardware import get_hardware
 from simulator.model_spec import get_model
 from simulator.runner import SimulationConfig, build_requests, run_simulation
@@ -171,6 +173,13 @@ def test_whole_pipeline_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     assert profile["meta"]["eager_fit"]["source"] == "mixed eager steps, warm pass"
     assert "mixed_cold_pass" in profile["meta"]
     assert profile["overhead"]["graph_max_batch"] == 0  # no CUDA graphs on the CPU
+    # the newer measurements: lone latency line, decode rows in the eager tile, uneven contexts,
+    # the paired switch penalties
+    assert profile["attn_decode"]["lone_latency"]["seconds"]
+    assert set(profile["attn_decode_eager"]) == {"batch", "context", "seconds"}
+    assert profile["meta"]["attn_decode_uneven"]["seconds"]
+    assert profile["overhead"]["eager_after_graph_s"] >= 0.0 and profile["overhead"]["eager_after_idle_s"] >= 0.0
+    assert CalibratedCostModel(profile).version == 2
     prof_path = tmp_path / "tiny.json"
     prof_path.write_text(json.dumps(profile, default=float))
     real = tmp_path / "real"
@@ -232,9 +241,40 @@ def test_step_errors_table(tmp_path: Path) -> None:
     for f in ("case.json", "steps.parquet", "requests.parquet", "metrics.json"):
         (real / "chunked_on" / f).write_bytes((REAL_RUNS / "chunked_on" / f).read_bytes())
     steps, summary = validate.step_errors(real, {"v1": V1_PROFILE, "v2": V2_PROFILE})
-    assert set(summary["profile"]) == {"v1", "v2"} and set(summary["kind"]) == {"graph decode", "eager mixed"}
+    assert set(summary["profile"]) == {"v1", "v2"}
+    assert {"graph decode", "eager mixed", "eager after eager", "eager after graph"} <= set(summary["kind"])
+    # every eager step is counted once among the 'after' rows
+    rows = summary[(summary.case == "all") & (summary.profile == "v2")].set_index("kind")
+    assert rows.filter(like="eager after", axis=0)["steps"].sum() == rows.loc["eager mixed", "steps"]
     allrow = summary[(summary.case == "all") & (summary.kind == "eager mixed")].set_index("profile")
     # chunked_on's eager steps: v1 adds attention to the launch time (+26%), v2 takes the max
     assert allrow.loc["v1", "median_abs"] > 0.2 > 0.12 > allrow.loc["v2", "median_abs"]
     md = validate.step_errors_markdown(summary)
     assert "| **all** | eager mixed |" in md
+
+
+def test_eager_follows_and_predict_in_order_tell_the_model_of_idling() -> None:
+    """Steps are predicted in order and an idle gap reaches the model before the next step."""
+    import pandas as pd
+
+    shapes = [BatchShape.from_lists([100], [100]), BatchShape.decode(1, 101), BatchShape.from_lists([1, 50], [102, 50]),
+              BatchShape.from_lists([60], [60]), BatchShape.from_lists([70], [70])]
+    df = pd.DataFrame([dataclasses.asdict(s) for s in shapes])
+    df["idle_before"] = [float("nan"), 0.0003, 0.0003, 0.5, 0.0003]
+    df["kind"] = validate.step_kind(df, graph_max_batch=256)
+    assert list(validate.eager_follows(df)) == ["idle", "", "graph", "idle", "eager"]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+
+        def note_idle(self, seconds: float) -> None:
+            self.events.append(("idle", seconds))
+
+        def step_time(self, batch: BatchShape) -> Any:
+            self.events.append(batch.num_tokens)
+            return StepTiming(1.0, {})
+
+    rec = Recorder()
+    assert validate.predict_in_order(rec, df) == [1.0] * 5
+    assert rec.events == [100, 1, 51, ("idle", 0.5), 60, 70]

@@ -1,0 +1,84 @@
+"""CalibratedCostModel v2: the switch penalties (its state), the lone latency line and the
+eager-tile decode grid; built on ``test_cost_model``'s synthetic v2 profile."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from simulator.cost_model import BatchShape, CalibratedCostModel
+from tests.simulator.test_cost_model import synthetic_profile_v2
+
+AFTER_GRAPH, AFTER_IDLE = 3e-3, 5e-3
+SMALL_EAGER = BatchShape.from_lists([1, 1, 100], [50, 70, 100])  # launch bound: floor ~10 ms, device < 1 ms
+DECODE = BatchShape.decode(4, 4 * 500)
+
+
+def _model(**overhead: float) -> CalibratedCostModel:
+    p = synthetic_profile_v2()
+    p["overhead"].update(overhead)
+    return CalibratedCostModel(p)
+
+
+def test_eager_step_pays_the_penalty_of_what_it_follows() -> None:
+    cm = _model(eager_after_graph_s=AFTER_GRAPH, eager_after_idle_s=AFTER_IDLE)
+    warm = _model().step_time(SMALL_EAGER).total  # no penalties: every step costs the back-to-back time
+    assert cm.step_time(SMALL_EAGER).total == pytest.approx(warm + AFTER_IDLE)  # a run starts idle
+    assert cm.step_time(SMALL_EAGER).total == pytest.approx(warm)  # after an eager step
+    cm.step_time(DECODE)
+    assert cm.step_time(SMALL_EAGER).total == pytest.approx(warm + AFTER_GRAPH)
+    cm.step_time(DECODE)
+    cm.note_idle(0.2)
+    t = cm.step_time(SMALL_EAGER)
+    assert t.total == pytest.approx(warm + AFTER_IDLE)
+    assert t.breakdown["cpu_overhead"] == pytest.approx(_model().step_time(SMALL_EAGER).breakdown["cpu_overhead"]
+                                                        + AFTER_IDLE)
+    cm.note_idle(0.0)  # no idling: nothing changes
+    assert cm.step_time(SMALL_EAGER).total == pytest.approx(warm)
+
+
+def test_penalty_hides_behind_a_device_bound_step_and_spares_graph_steps() -> None:
+    cm = _model(eager_after_graph_s=AFTER_GRAPH, eager_after_idle_s=AFTER_IDLE)
+    big = BatchShape.from_lists([8192] + [1] * 9, [8192] + [100] * 9)
+    assert cm.step_time(big).total == pytest.approx(_model().step_time(big).total)  # device 20 ms > floor + 5 ms
+    cm.note_idle(1.0)
+    assert cm.step_time(DECODE).total == _model().step_time(DECODE).total
+
+
+@pytest.mark.parametrize("batch_size", [4, 100])  # a graph run, and eager pure decode (above graph_max_batch)
+def test_decode_step_times_advance_the_state_like_the_steps(batch_size: int) -> None:
+    fast, slow = (_model(eager_after_graph_s=AFTER_GRAPH, eager_after_idle_s=AFTER_IDLE) for _ in range(2))
+    for cm in (fast, slow):
+        cm.step_time(SMALL_EAGER)
+    k, ctx, longest = 20, batch_size * 300, 900
+    times = fast.decode_step_times(batch_size, ctx, k, longest)
+    expected = [slow.step_time(BatchShape.decode(batch_size, ctx + j * batch_size, longest + j)).total
+                for j in range(k)]
+    np.testing.assert_allclose(times, expected, rtol=1e-12, atol=0)
+    assert fast.step_time(SMALL_EAGER).total == slow.step_time(SMALL_EAGER).total
+
+
+def test_lone_latency_line_replaces_the_latency_batch_line() -> None:
+    p = synthetic_profile_v2()
+    lone = {"batch": 32, "short_context": 128, "context": [128, 8192], "seconds": [5e-6, 1e-4]}
+    p["attn_decode"]["lone_latency"] = lone
+    cm = CalibratedCostModel(p)
+    t = cm.step_time(BatchShape.decode(20, 20 * 128, 8192)).breakdown["attn_decode"]
+    grid32 = 10e-6 + 2e-7 * 32 + 4e-11 * 32 * 128
+    assert t == pytest.approx(max(grid32, 1e-4), rel=1e-12)
+    base = CalibratedCostModel(synthetic_profile_v2()).step_time(BatchShape.decode(20, 20 * 128, 8192))
+    assert base.breakdown["attn_decode"] == pytest.approx(10e-6 + 2e-7 * 32 + 4e-11 * 32 * 8192, rel=1e-12)
+
+
+def test_eager_tile_grid_prices_decode_rows_beside_a_chunk_only() -> None:
+    p = synthetic_profile_v2()
+    eager = copy.deepcopy({k: p["attn_decode"][k] for k in ("batch", "context", "seconds")})
+    eager["seconds"] = [2 * s for s in eager["seconds"]]
+    p["attn_decode_eager"] = eager
+    cm, base = CalibratedCostModel(p), CalibratedCostModel(synthetic_profile_v2())
+    mixed = BatchShape.from_lists([1] * 8 + [16], [1024] * 8 + [16])
+    assert (cm.step_time(mixed).breakdown["attn_decode"]
+            == pytest.approx(2 * base.step_time(mixed).breakdown["attn_decode"], rel=1e-12))
+    pure_eager = BatchShape.decode(100, 100 * 50)  # above graph_max_batch, but no chunk: the decode tile
+    assert cm.step_time(pure_eager).breakdown["attn_decode"] == base.step_time(pure_eager).breakdown["attn_decode"]
