@@ -46,7 +46,7 @@ from experiments import validate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "experiments" / "results" / "validation" / "dp_h200x2"
-DEFAULT_PROFILE = REPO / "experiments" / "profiles" / "qwen3_0_6b_h200_v2_fused.json"
+DEFAULT_PROFILE = REPO / "experiments" / "profiles" / "qwen3_0_6b_h200_v2_fused2.json"  # same GPU session as the DP runs
 #: Committed TP=1 vs TP=2 decode timings (``executor.parallel.selfcheck`` on 2 x H200), by model.
 TP_RESULTS = {"Qwen3-0.6B": REPO / "experiments" / "results" / "tp_h200x2.json",
               "Llama-3.1-8B": REPO / "experiments" / "results" / "tp_llama8b_h200x2.json"}
