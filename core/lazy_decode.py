@@ -29,7 +29,7 @@ from array import array
 
 from core.config import CacheConfig, SchedulerConfig
 from core.request import Request, RequestStatus
-from core.scheduler import _BLOCKED_BUDGET, _BLOCKED_KV, _BLOCKED_NONE, Scheduler
+from core.scheduler import _BLOCKED_BUDGET, _BLOCKED_KV, _BLOCKED_NONE, Scheduler, largest_fitting
 from core.scheduler_output import SchedulerOutput, StepResult
 
 
@@ -426,7 +426,7 @@ class LazyDecodeScheduler(Scheduler):
             k = self._hit_growth_horizon(k)
         if k <= 0:
             return 0
-        return self._take_horizon(k)
+        return largest_fitting(k, self._takes_within, self.kv.num_free_blocks)
 
     def _next_finish(self) -> int:
         steps = self._finish_steps
@@ -444,18 +444,6 @@ class LazyDecodeScheduler(Scheduler):
                 total += len(bucket) * ((s + k + phase) // bs - (s + phase) // bs)
         return total
 
-    def _take_horizon(self, k: int) -> int:
-        free = self.kv.num_free_blocks
-        if self._takes_within(k) <= free:
-            return k
-        lo, hi = 0, k
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._takes_within(mid) <= free:
-                lo = mid
-            else:
-                hi = mid
-        return lo
 
     def apply_decode_steps(self, k: int, step_end_times: list[float],
                            token_ids: list[list[int]] | None = None) -> list[Request]:

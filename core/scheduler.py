@@ -10,6 +10,7 @@ copy them to host memory). New requests are admitted only in steps without preem
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 from core.config import CacheConfig, SchedulerConfig
 from core.kv_cache_manager import KVCacheManager
@@ -20,6 +21,21 @@ from core.scheduler_output import SchedulerOutput, StepResult
 # Why admission stopped in the last schedule(); the first three persist over decode-only
 # steps (free blocks only shrink, the batch only ages), which is what makes fast-forward safe.
 _BLOCKED_KV, _BLOCKED_BUDGET, _BLOCKED_POLICY, _BLOCKED_SEQS, _BLOCKED_NONE = range(5)
+
+
+def largest_fitting(k: int, need: Callable[[int], int], limit: int) -> int:
+    """Largest ``k' <= k`` with ``need(k') <= limit``, for a non-decreasing ``need`` with
+    ``need(0) <= limit``: how many decode steps the free KV blocks can carry."""
+    if need(k) <= limit:
+        return k
+    lo, hi = 0, k  # need(lo) fits, need(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if need(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class Scheduler:
@@ -424,16 +440,7 @@ class Scheduler:
         def need(steps: int) -> int:
             return sum(max(0, -(-(c + steps) // bs) - nb) for c, nb in state)
 
-        if need(k) <= free:
-            return k
-        lo, hi = 0, k  # need(lo) fits, need(hi) does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if need(mid) <= free:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return largest_fitting(k, need, free)
 
     def apply_decode_steps(self, k: int, step_end_times: list[float],
                            token_ids: list[list[int]]) -> list[Request]:
