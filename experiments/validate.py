@@ -28,6 +28,12 @@ the scheduler replayed on the real steps' start times) and compares each profile
 predicted step time with the real wall time, per step kind and case (``step_errors.md``)::
 
     python -m experiments.validate steps --real runs/ --profile v2=P.json [--profile v1=Q.json] --out DIR
+
+``log-compare`` is for a real phase whose run directories were lost: it rebuilds each case
+from the log's summary lines (the QPS-sweep rates from the logged overload throughput) and
+compares the logged request throughput, TTFT / TPOT p50 and preemptions with the simulator's::
+
+    python -m experiments.validate log-compare --log real.log --profile P.json --num-gpu-blocks 32768 --out DIR
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import dataclasses
 import gc
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -118,6 +125,35 @@ def resolve_case(name: str, overrides: dict[str, Any] | None = None) -> dict[str
     return case
 
 
+def set_rate_of(case: dict[str, Any], ref_request_throughput: float) -> None:
+    """A ``rate_of`` case's Poisson rate from its reference run's request throughput (req/s),
+    as the real phase sets it (rounded to 3 decimals); removes ``rate_of``."""
+    _, frac = case.pop("rate_of")
+    case["workload"]["rate"] = round(float(frac * ref_request_throughput), 3)
+
+
+def case_configs(case: dict[str, Any], base_sched: dict[str, Any], *, vocab: int, pool_blocks: int,
+                 max_model_len: int, max_num_batched_tokens: int,
+                 clip_len: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int, bool]:
+    """The concrete (workload dict, SchedulerConfig kwargs, KV blocks, prefix caching) the real
+    phase serves ``case`` with: ``base_sched`` (a SchedulerConfig as a dict) updated by the
+    case's scheduler, the model length capped at ``max_model_len`` (and ``clip_len``), token
+    ids below ``vocab``, the case's KV blocks capped at the backend's pool."""
+    wl = dict(case["workload"])
+    wl["vocab_size"] = vocab
+    if clip_len is not None:
+        wl["max_model_len"] = min(wl.get("max_model_len") or clip_len, clip_len)
+    sched_kw = {**base_sched, **case.get("scheduler", {})}
+    sched_kw["max_model_len"] = min(sched_kw["max_model_len"], max_model_len)
+    if clip_len is not None:
+        sched_kw["max_model_len"] = min(sched_kw["max_model_len"], clip_len)
+        sched_kw["max_num_batched_tokens"] = max(min(sched_kw["max_num_batched_tokens"], max_num_batched_tokens),
+                                                 1 if sched_kw.get("enable_chunked_prefill", True) else clip_len)
+    blocks = min(case.get("cache", {}).get("num_gpu_blocks") or pool_blocks, pool_blocks)
+    prefix = case.get("cache", {}).get("enable_prefix_caching", True)
+    return wl, sched_kw, int(blocks), bool(prefix)
+
+
 # --- real phase ---------------------------------------------------------------------------------
 def run_real(cases: list[str], model_dir: str, out: Path, *, model_name: str | None = None,
              device: str | None = None, num_requests: int | None = None, num_gpu_blocks: int | None = None,
@@ -153,21 +189,12 @@ def run_real(cases: list[str], model_dir: str, out: Path, *, model_name: str | N
     out.mkdir(parents=True, exist_ok=True)
 
     def serve(case: dict[str, Any], case_dir: Path | None) -> dict[str, Any]:
-        wl = dict(case["workload"])
-        wl["vocab_size"] = vocab
-        if clip_len is not None:
-            wl["max_model_len"] = min(wl.get("max_model_len") or clip_len, clip_len)
-        sched_kw = {**dataclasses.asdict(base_sched), **case.get("scheduler", {})}
-        sched_kw["max_model_len"] = min(sched_kw["max_model_len"], max_model_len)
-        if clip_len is not None:
-            sched_kw["max_model_len"] = min(sched_kw["max_model_len"], clip_len)
-            sched_kw["max_num_batched_tokens"] = max(min(sched_kw["max_num_batched_tokens"], max_num_batched_tokens),
-                                                     1 if sched_kw.get("enable_chunked_prefill", True) else clip_len)
+        wl, sched_kw, blocks, prefix = case_configs(case, dataclasses.asdict(base_sched), vocab=vocab,
+                                                    pool_blocks=runner.num_gpu_blocks, max_model_len=max_model_len,
+                                                    max_num_batched_tokens=max_num_batched_tokens,
+                                                    clip_len=clip_len)
         sched = SchedulerConfig(**sched_kw)
-        blocks = case["cache"].get("num_gpu_blocks") or runner.num_gpu_blocks
-        blocks = min(blocks, runner.num_gpu_blocks)
-        prefix = case["cache"].get("enable_prefix_caching", True)
-        cache = CacheConfig(runner.block_size, int(blocks), 0, prefix)
+        cache = CacheConfig(runner.block_size, blocks, 0, prefix)
         workload = build_workload(WorkloadConfig.from_dict(wl))
         requests = build_requests_open_loop(workload)
         engine = EngineCore(sched, cache, backend, eos_token_id=backend.eos_token_id)
@@ -216,13 +243,13 @@ def run_real(cases: list[str], model_dir: str, out: Path, *, model_name: str | N
     for name in order:
         case = resolve_case(name, {"num_requests": num_requests} if num_requests else None)
         if "rate_of" in case:
-            ref, frac = case.pop("rate_of")
+            ref = case["rate_of"][0]
             ref_metrics = done.get(ref)
             if ref_metrics is None and (out / ref / "metrics.json").exists():
                 ref_metrics = json.loads((out / ref / "metrics.json").read_text())
             if ref_metrics is None:
                 raise ValueError(f"case {name} takes its rate from {ref}; run {ref} first")
-            case["workload"]["rate"] = round(float(frac * ref_metrics["request_throughput"]), 3)
+            set_rate_of(case, ref_metrics["request_throughput"])
         done[name] = serve(case, out / name)
     print(f"real phase done in {time.perf_counter() - t_all:.1f} s", flush=True)
 
@@ -512,6 +539,123 @@ def plot_latency_throughput(metrics_by_case: dict[str, Any], out: Path) -> Path 
     return p
 
 
+# --- log compare ----------------------------------------------------------------------------------
+#: One case's summary line as ``run_real`` prints it.
+_LOG_LINE = re.compile(
+    r"^\s*(?P<name>\w+): (?P<completed>\d+) done, (?P<num_rejected>\d+) rejected, (?P<wall_seconds>[\d.]+) s wall, "
+    r"(?P<num_engine_steps>\d+) steps, req/s (?P<request_throughput>[\d.]+), TTFT p50 (?P<median_ttft_ms>[\d.]+) ms, "
+    r"TPOT p50 (?P<median_tpot_ms>[\d.]+) ms, preemptions (?P<num_preemptions>\d+)\s*$")
+#: The metrics a log line carries that the simulator also reports (compared by ``log_compare``).
+LOG_METRICS = ("request_throughput", "median_ttft_ms", "median_tpot_ms", "num_preemptions")
+
+
+def parse_real_log(text: str) -> dict[str, dict[str, float]]:
+    """The per-case summary lines of a real phase's log (``run_real``'s output), by case name;
+    warm-up lines and anything else are skipped. Values are as printed (rounded)."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line)
+        if m and m["name"] in CASES:
+            out[m["name"]] = {k: (float(v) if "." in v else int(v)) for k, v in m.groupdict().items() if k != "name"}
+    return out
+
+
+def log_case_records(logged: dict[str, dict[str, float]], *, model_name: str, device: str, num_gpu_blocks: int,
+                     block_size: int = 16, max_model_len: int = 16384, max_num_batched_tokens: int = 8192,
+                     max_num_seqs: int = 256, vocab: int | None = None) -> dict[str, dict[str, Any]]:
+    """``case.json``-like records (what ``simulate_case`` needs) of the logged cases, rebuilt as
+    ``run_real`` built them with these backend settings (its defaults; ``num_gpu_blocks`` is the
+    pool). A ``rate_of`` case takes its rate from the logged (rounded) request throughput of
+    its reference case. ``vocab`` defaults to ``run_real``'s min(32000, the model's vocabulary)."""
+    from core.config import SchedulerConfig
+    from simulator.model_spec import get_model
+
+    spec = get_model(model_name)
+    vocab = vocab if vocab is not None else min(32000, spec.vocab_size)
+    max_model_len = min(max_model_len, spec.max_position_embeddings)
+    base = dataclasses.asdict(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                              max_model_len=max_model_len))
+    records = {}
+    for name in [c for c in CASE_ORDER if c in logged]:
+        case = resolve_case(name)
+        if "rate_of" in case:
+            ref = case["rate_of"][0]
+            if ref not in logged:
+                raise ValueError(f"case {name} takes its rate from {ref}, which the log lacks")
+            set_rate_of(case, logged[ref]["request_throughput"])
+        wl, sched_kw, blocks, prefix = case_configs(case, base, vocab=vocab, pool_blocks=num_gpu_blocks,
+                                                    max_model_len=max_model_len,
+                                                    max_num_batched_tokens=max_num_batched_tokens)
+        records[name] = {"name": name, "workload": wl, "scheduler": dataclasses.asdict(SchedulerConfig(**sched_kw)),
+                         "cache": {"block_size": block_size, "num_gpu_blocks": blocks,
+                                   "enable_prefix_caching": prefix},
+                         "model_name": model_name, "device": device}
+    return records
+
+
+def log_compare(log_path: Path, profiles: dict[str, Path], out: Path | None = None, **record_kw: Any) -> Any:
+    """Simulate every case of a real phase's log (only its summary lines survive: request
+    throughput, TTFT / TPOT p50, preemptions) with each calibrated profile, and compare.
+    Returns a table (case, metric, real, per profile the simulated value and relative error);
+    with ``out`` also writes ``log_compare.csv`` / ``log_compare.md`` there."""
+    import pandas as pd
+
+    logged = parse_real_log(log_path.read_text())
+    if not logged:
+        raise ValueError(f"{log_path}: no case summary lines")
+    records = log_case_records(logged, **record_kw)
+    rows = []
+    for name, record in records.items():
+        sims = {label: simulate_case(record, "calibrated", {"profile": str(path)}, None)
+                for label, path in profiles.items()}
+        for key in LOG_METRICS:
+            row = {"case": name, "metric": key, "real": logged[name][key]}
+            for label, m in sims.items():
+                row[label] = m.get(key)
+                row[f"{label}_rel_err"] = _rel(m.get(key), logged[name][key])
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "log_compare.csv", index=False)
+        (out / "log_compare.md").write_text(log_compare_markdown(table, list(profiles), log_path, records))
+    return table
+
+
+def log_compare_markdown(table: Any, labels: list[str], log_path: Path | None = None,
+                         records: dict[str, dict[str, Any]] | None = None) -> str:
+    lines = []
+    if log_path is not None:
+        lines += [(f"Real: the summary lines of `{log_path}` (values as logged); simulated: the same cases "
+                   "rebuilt as the real phase built them."), ""]
+    if records:
+        rates = {n: r["workload"]["rate"] for n, r in records.items() if "rate_of" in CASES[n]}
+        if rates:
+            lines += ["Rates from the log's overload throughput: "
+                      + ", ".join(f"{n} {v:g} req/s" for n, v in rates.items()) + ".", ""]
+    lines += ["Median |relative error| over the cases:", "",
+              "| profile | " + " | ".join(k for k in LOG_METRICS if k != "num_preemptions") + " |",
+              "|---|" + "---|" * (len(LOG_METRICS) - 1)]
+    for label in labels:
+        cells = []
+        for key in LOG_METRICS:
+            if key == "num_preemptions":
+                continue
+            vals = table.loc[table.metric == key, f"{label}_rel_err"].abs().dropna()
+            cells.append(_abs_pct(float(vals.median()) if len(vals) else None))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Per case: real, then simulated (relative error) per profile; preemptions are counts.", "",
+              "| case | metric | real | " + " | ".join(labels) + " |", "|---|---|---:|" + "---:|" * len(labels)]
+    for r in table.to_dict("records"):
+        count = r["metric"] == "num_preemptions"
+        cells = [(_fmt(int(r[label])) if count and r[label] is not None and math.isfinite(r[label])
+                  else "-" if count
+                  else f"{_fmt(r[label])} ({_pct(r[f'{label}_rel_err'])})") for label in labels]
+        real = _fmt(int(r["real"])) if count else _fmt(r["real"])
+        lines.append(f"| {r['case']} | {r['metric']} | {real} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --- step level -----------------------------------------------------------------------------------
 #: A real step whose next step started more than this after its end was followed by idling:
 #: its wall time (to the next step's start) is not a step time, so it is left out.
@@ -707,6 +851,14 @@ def main(argv: list[str] | None = None) -> None:
     st.add_argument("--real", required=True)
     st.add_argument("--profile", action="append", required=True, metavar="LABEL=PATH")
     st.add_argument("--out", default="experiments/results/validation")
+    lc = sub.add_parser("log-compare", help="simulate the cases of a real phase's log (its summary lines only)")
+    lc.add_argument("--log", required=True, help="the real phase's stdout")
+    lc.add_argument("--profile", action="append", required=True, metavar="[LABEL=]PATH")
+    lc.add_argument("--out", default=None, help="write log_compare.csv / .md here")
+    lc.add_argument("--model-name", default="Qwen3-0.6B")
+    lc.add_argument("--device", default="NVIDIA H200")
+    lc.add_argument("--num-gpu-blocks", type=int, required=True, help="the real phase's KV pool")
+    lc.add_argument("--max-model-len", type=int, default=16384)
     sub.add_parser("cases", help="list the cases")
     args = ap.parse_args(argv)
     if args.phase == "real":
@@ -730,6 +882,15 @@ def main(argv: list[str] | None = None) -> None:
         md = step_errors_markdown(summary)
         (out / "step_errors.md").write_text(md)
         print(md)
+    elif args.phase == "log-compare":
+        profiles = {}
+        for spec in args.profile:
+            label, _, path = spec.rpartition("=")
+            profiles[label or Path(path).stem] = Path(path)
+        table = log_compare(Path(args.log), profiles, Path(args.out) if args.out else None,
+                            model_name=args.model_name, device=args.device, num_gpu_blocks=args.num_gpu_blocks,
+                            max_model_len=args.max_model_len)
+        print(log_compare_markdown(table, list(profiles)))
     else:
         for name, case in CASES.items():
             print(f"{name:14s} {case.get('note', '')}")

@@ -278,3 +278,41 @@ def test_eager_follows_and_predict_in_order_tell_the_model_of_idling() -> None:
     rec = Recorder()
     assert validate.predict_in_order(rec, df) == [1.0] * 5
     assert rec.events == [100, 1, 51, ("idle", 0.5), 60, 70]
+
+
+FUSED = REPO / "experiments" / "results" / "validation" / "fused"
+
+
+@pytest.mark.skipif(not (FUSED / "real_h200" / "qps_overload" / "case.json").exists(), reason="no fused real run")
+def test_log_case_records_rebuild_the_real_phase_cases() -> None:
+    """From a real phase's log alone, every case is rebuilt as the real phase built it (its
+    case.json), the QPS-sweep rates from the overload run's throughput."""
+    logged = validate.parse_real_log((FUSED / "real.log").read_text())
+    assert list(logged) == validate.CASE_ORDER  # the warm-up lines are skipped
+    assert logged["qps_overload"] == {"completed": 300, "num_rejected": 0, "wall_seconds": 14.2,
+                                      "num_engine_steps": 1105, "request_throughput": 21.2,
+                                      "median_ttft_ms": 978.8, "median_tpot_ms": 19.44, "num_preemptions": 0}
+    exact = json.loads((FUSED / "real_h200" / "qps_overload" / "metrics.json").read_text())["request_throughput"]
+    logged["qps_overload"]["request_throughput"] = exact
+    records = validate.log_case_records(logged, model_name="Qwen3-0.6B", device="NVIDIA H200", num_gpu_blocks=32768)
+    for name, rec in records.items():
+        real = json.loads((FUSED / "real_h200" / name / "case.json").read_text())
+        for key in ("workload", "scheduler", "cache", "model_name", "device"):
+            assert json.loads(json.dumps(rec[key])) == real[key], (name, key)
+    with pytest.raises(ValueError, match="qps_overload"):
+        validate.log_case_records({"qps_knee": logged["qps_knee"]}, model_name="Qwen3-0.6B", device="NVIDIA H200",
+                                  num_gpu_blocks=32768)
+
+
+@pytest.mark.skipif(not V2_PROFILE.exists(), reason="no converted profile")
+def test_log_compare_simulates_the_logged_cases(tmp_path: Path) -> None:
+    log = tmp_path / "real.log"
+    log.write_text("warm-up done (5.0 s)\n  chunked_off: 150 done, 0 rejected, 10.7 s wall, 3539 steps, req/s 14.02, "
+                   "TTFT p50 21.4 ms, TPOT p50 3.53 ms, preemptions 0\nreal phase done in 162.5 s\n")
+    table = validate.log_compare(log, {"v2": V2_PROFILE}, tmp_path / "out", model_name="Qwen3-0.6B",
+                                 device="NVIDIA H200", num_gpu_blocks=32768)
+    assert list(table["metric"]) == list(validate.LOG_METRICS) and set(table["case"]) == {"chunked_off"}
+    row = table.set_index("metric").loc["median_ttft_ms"]
+    assert row["real"] == 21.4 and row["v2_rel_err"] == pytest.approx(row["v2"] / 21.4 - 1)
+    md = (tmp_path / "out" / "log_compare.md").read_text()
+    assert "| chunked_off | median_tpot_ms | 3.53 |" in md and (tmp_path / "out" / "log_compare.csv").exists()

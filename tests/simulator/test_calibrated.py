@@ -82,3 +82,24 @@ def test_eager_tile_grid_prices_decode_rows_beside_a_chunk_only() -> None:
             == pytest.approx(2 * base.step_time(mixed).breakdown["attn_decode"], rel=1e-12))
     pure_eager = BatchShape.decode(100, 100 * 50)  # above graph_max_batch, but no chunk: the decode tile
     assert cm.step_time(pure_eager).breakdown["attn_decode"] == base.step_time(pure_eager).breakdown["attn_decode"]
+
+
+FUSED2 = __import__("pathlib").Path(__file__).resolve().parents[2] / "experiments/profiles/qwen3_0_6b_h200_v2_fused2.json"
+
+
+@pytest.mark.skipif(not FUSED2.exists(), reason="no fused2 profile")
+def test_the_first_profile_with_the_new_measurements_activates_every_optional_term() -> None:
+    """qwen3_0_6b_h200_v2_fused2 (the current profile.py on a GPU) has the paired switch
+    penalties, the lone latency line and the eager-tile grid; the model reads all of them."""
+    import json
+
+    prof = json.loads(FUSED2.read_text())
+    m = CalibratedCostModel(prof)
+    assert m.eager_after["graph"] == prof["overhead"]["eager_after_graph_s"] > 0
+    assert m.eager_after["idle"] == prof["overhead"]["eager_after_idle_s"] > 0
+    assert m._latency_line.xs == [float(c) for c in prof["attn_decode"]["lone_latency"]["context"]]
+    assert m._eager_grid is not m._grid
+    # a graph of 32 with one long request costs less than 32 requests all that long
+    one_long = BatchShape.from_lists([1] * 20, [8192] + [512] * 19)
+    all_long = BatchShape.decode(20, 20 * 8192)
+    assert m.step_time(one_long).total < 0.6 * m.step_time(all_long).total
