@@ -129,7 +129,7 @@ def test_lab5_data_parallel_tp4_serves_most_within_the_slo(run_lab: RunLab) -> N
     good = h["goodput"]
     assert set(good) == {"TP8", "TP4 x DP2", "TP2 x DP4"}
     assert h["best"] == "TP4 x DP2"
-    assert good["TP4 x DP2"] > 1.1 * good["TP8"]  # measured 10.4 vs 8.3 req/s
+    assert good["TP4 x DP2"] > 1.1 * good["TP8"]  # measured 10.2 vs 8.3 req/s
     assert good["TP2 x DP4"] < 0.5 * good["TP8"]  # 26k tokens of KV per replica: starved
     assert h["kv_tokens_per_replica"]["TP2 x DP4"] < 0.1 * h["kv_tokens_per_replica"]["TP4 x DP2"]
 
