@@ -14,15 +14,18 @@ the scheduler. Target: step / floor <= 1.25.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
-from experiments.bench_offline import BANDWIDTH, commit_id, ensure_model, environment, models_root
+from experiments.bench_common import (
+    BANDWIDTH,
+    default_model_dir,
+    ensure_model,
+    environment,
+    write_result,
+)
 
-DEFAULT_MODEL_DIR = os.path.join(models_root(), "Llama-3.1-8B-random-bf16")
+DEFAULT_MODEL_DIR = default_model_dir("Llama-3.1-8B")
 TARGET_RATIO = 1.25
 
 
@@ -85,7 +88,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result = {
         "benchmark": "decode step, batch 1, Llama-3.1-8B shape, random bf16 weights",
         **environment(),
-        "commit": commit_id(),
         "init_seconds": init_s,
         "decode_steps": len(decode),
         "step_ms_median": 1e3 * median,
@@ -102,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "graph_steps": runner.stats.graph_steps,
         "kv_cache": llm.backend.describe(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out = write_result(args.out, result)
     print(f"decode step (batch 1): median {1e3 * median:.3f} ms, graph replay {replay_ms or float('nan'):.3f} ms, "
           f"wall/step {result['wall_ms_per_decode_step']:.3f} ms; floor {1e3 * floor_s:.3f} ms "
           f"({w / 1e9:.2f} GB weights at {args.bandwidth / 1e12:.1f} TB/s) -> {ratio:.3f}x floor "

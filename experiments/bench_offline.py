@@ -1,170 +1,260 @@
-"""nano-vllm's offline throughput benchmark on servelab's executor (core engine + RealBackend).
+"""Offline throughput benchmarks on servelab's executor (core engine + RealBackend).
 
-Usage: python -m experiments.bench_offline [--model-dir DIR] [--enforce-eager] [--out JSON]
+Usage: python -m experiments.bench_offline [--workload nano-vllm|llama8b-1k] [--model-dir DIR]
+       [--enforce-eager] [--profile] [--out JSON]
 
-Reproduces nano-vllm's ``bench.py``: a random-weight Qwen3-0.6B in bf16 (written to
-``--model-dir`` if missing), ``random.seed(0)``, 256 prompts of ``randint(100, 1024)``
-random token ids, then 256 ``SamplingParams(temperature=0.6, ignore_eos=True,
-max_tokens=randint(100, 1024))`` -- 133,966 output tokens in all -- ``max_model_len=4096``,
-CUDA graphs on. A tiny generate warms up, then one timed ``generate`` runs everything.
+Workloads (random-weight bf16 models, written to ``--model-dir`` if missing; everything is
+submitted at once to one timed ``generate`` after a tiny warm-up generate; CUDA graphs on):
 
-Besides output tokens/s it reports the *floor*: every step must read the weights once and
-the KV of every scheduled request's whole context once, so the run cannot beat
-``sum_steps(context_tokens * kv_bytes_per_token + weight_bytes) / bandwidth`` (3.0 TB/s: a
-device-to-device copy measured on the H100, bytes read + written). Compute (prefill
-FLOPs) is left out, so the floor is a lower bound. The schedule is the one actually run.
+* ``nano-vllm`` (default) reproduces nano-vllm's ``bench.py``: Qwen3-0.6B,
+  ``random.seed(0)``, 256 prompts of ``randint(100, 1024)`` random ids, then 256
+  ``SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, 1024))`` --
+  133,966 output tokens in all -- ``max_model_len=4096``. Target 18,000 output tok/s.
+* ``llama8b-1k``: Llama-3.1-8B, 1,000 prompts of exactly 1,000 ids drawn uniformly from
+  the vocabulary (seed 0, so no two share a prefix-cache block), each generating exactly
+  1,000 tokens (``ignore_eos``, temperature 0.6 as nano-vllm: the fused Gumbel-max
+  sampler), ``max_model_len=2048``. The KV pool (~430k tokens on an H100 at 0.9
+  utilisation) bounds the concurrency to ~300 requests, so the scheduler admits waves and
+  preempts by recompute when running requests outgrow the pool; both are in the steps
+  actually run, which the floor is computed from. Target 8,000 output tok/s.
+
+Besides output tokens/s every run reports its *floor*, a lower bound on the time of the
+schedule actually run: each step takes at least the roofline of what it must do,
+
+    floor = sum over steps of max(bytes / BANDWIDTH, flops / PEAK_FLOPS)
+    bytes = context_tokens * kv_bytes_per_token + weight_read_bytes
+    flops = 2 * linear_params * tokens + 2 * vocab * hidden * sampled_rows
+            + 4 * layers * q_heads * head_dim * attention_pairs
+
+where ``context_tokens`` sums every scheduled request's context (cached + new tokens: the KV
+its attention reads), ``weight_read_bytes`` is every weight except an untied input
+embedding (a step gathers only its rows), ``linear_params`` are the decoder layers' matrix
+weights, and ``attention_pairs`` counts (new token, visible key) pairs (QK^T and PV cost
+2 * head_dim FLOPs each per head). BANDWIDTH is 3.0 TB/s (a device-to-device copy measured
+on the H100, bytes read + written) and PEAK_FLOPS ~790 TFLOP/s (bf16 GEMMs on Hopper).
+Decode steps are bandwidth-bound, big prefill steps compute-bound. Writes to the KV cache,
+activations and the sampler are left out, so the floor stays a lower bound. The JSON also
+keeps ``floor.bandwidth_only_seconds`` (the sum of the bytes terms alone: the floor of
+results before the ``llama8b-1k`` workload) and ``floor.overlapped_seconds`` = max(all
+bytes / BANDWIDTH, all FLOPs / PEAK_FLOPS), the bound if every prefill's compute could hide
+under other steps' memory traffic (a schedule that mixes them perfectly, not the one run).
+
 It also splits the wall time into device time (CUDA events inside each step), host
 preparation inside the step, and engine overhead outside it (schedule + update).
-
 Runs without simpy / hydra (only core, executor, torch).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
+import math
 import random
-import shutil
 import statistics
-import subprocess
 import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from random import randint
+from typing import Any
 
-EXPECTED_OUTPUT_TOKENS = 133_966  # nano-vllm's workload with random.seed(0)
+from core.sampling_params import SamplingParams
+from core.scheduler_output import SchedulerOutput, StepResult
+from experiments.bench_common import (
+    BANDWIDTH,
+    PEAK_FLOPS,
+    default_model_dir,
+    ensure_model,
+    environment,
+    write_result,
+)
 
-
-def models_root() -> str:
-    """Where random models are written: $SERVELAB_MODELS, else RAM-backed /dev/shm when it
-    has room (writing 16 GB to a slow VM disk costs minutes), else /tmp."""
-    if os.environ.get("SERVELAB_MODELS"):
-        return os.environ["SERVELAB_MODELS"]
-    try:
-        if shutil.disk_usage("/dev/shm").free > 24e9:
-            return "/dev/shm/servelab-models"
-    except OSError:
-        pass
-    return "/tmp/servelab-models"
-
-
-DEFAULT_MODEL_DIR = os.path.join(models_root(), "Qwen3-0.6B-random-bf16")
-BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy on the H100 (read + write)
-TARGET_TOK_S = 18_000
+Requests = tuple[list[list[int]], list[SamplingParams]]
 
 
-def commit_id() -> str:
-    if os.environ.get("SERVELAB_COMMIT"):
-        return os.environ["SERVELAB_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def nano_vllm_requests(num_seqs: int, max_input_len: int, max_output_len: int, vocab_size: int) -> Requests:
+    """nano-vllm's ``bench.py``, call for call (the output-token count depends on the order
+    of the ``randint`` draws); its ids are < 10,001 whatever the model's vocabulary."""
+    random.seed(0)
+    prompts = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
+              for _ in range(num_seqs)]
+    return prompts, params
 
 
-def write_random_model_fast(out_dir: Path, shape: str, seed: int = 0, std: float = 0.02,
-                            max_shard_bytes: int = 5 * 10**9) -> None:
-    """``executor.make_random_model.write_random_model`` (bf16, same layout, names, shapes and
-    init recipe), drawing the numbers on the GPU: the CPU generator needs minutes for 8B."""
-    import torch
-    from safetensors.torch import save_file
-
-    from executor.config import ModelConfig
-    from executor.make_random_model import checkpoint_shapes, hf_config_for
-
-    hf = hf_config_for(None, shape)
-    hf["torch_dtype"] = "bfloat16"
-    config = ModelConfig.from_hf(hf)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shp in checkpoint_shapes(config):
-        nbytes = 2 * torch.Size(shp).numel()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shp))
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map, total = {}, 0
-    for file_name, shard in zip(names, shards):
-        tensors = {}
-        for name, shp in shard:
-            t = torch.randn(shp, generator=generator, device="cuda", dtype=torch.bfloat16)
-            t = t.mul_(0.1).add_(1.0) if name.endswith("norm.weight") else t.mul_(std)
-            tensors[name] = t.cpu()
-            weight_map[name] = file_name
-            total += t.nbytes
-        save_file(tensors, str(out_dir / file_name), metadata={"format": "pt"})
-        del tensors
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")  # last: marks completion
-    torch.cuda.empty_cache()
+def fixed_length_requests(num_seqs: int, input_len: int, output_len: int, vocab_size: int) -> Requests:
+    """``num_seqs`` prompts of exactly ``input_len`` uniform random ids (seed 0), each
+    generating exactly ``output_len`` tokens at temperature 0.6 with ``ignore_eos``."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_seqs)]
+    return prompts, [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=output_len)] * num_seqs
 
 
-def ensure_model(model_dir: str, shape: str) -> Path:
-    """Write a random-weight bf16 ``shape`` model to ``model_dir`` unless one is there."""
-    import torch
+@dataclass(frozen=True)
+class Workload:
+    """An offline workload: its model shape, request generator and default sizes."""
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        t = time.perf_counter()
-        if torch.cuda.is_available():
-            write_random_model_fast(path, shape)
-        else:
-            from executor.make_random_model import write_random_model
+    description: str
+    shape: str
+    build: Callable[[int, int, int, int], Requests]  # (num_seqs, input_len, output_len, vocab) -> requests
+    num_seqs: int
+    input_len: int
+    output_len: int
+    max_model_len: int
+    target_tok_s: float
+    out: str
+    expected_output_tokens: int | None = None  # asserted at the default sizes
 
-            write_random_model(path, shape=shape, dtype="bfloat16")
-        print(f"wrote random {shape} to {path} in {time.perf_counter() - t:.1f} s", flush=True)
-    return path
+
+WORKLOADS: dict[str, Workload] = {
+    "nano-vllm": Workload(
+        "nano-vllm bench.py: Qwen3-0.6B random bf16, 256 seqs, prompts 100-1024, outputs 100-1024",
+        "Qwen3-0.6B", nano_vllm_requests, 256, 1024, 1024, 4096, 18_000,
+        "experiments/results/bench_offline.json", expected_output_tokens=133_966),
+    "llama8b-1k": Workload(
+        "Llama-3.1-8B random bf16, 1000 seqs x 1000 random prompt ids x 1000 output tokens, all at once",
+        "Llama-3.1-8B", fixed_length_requests, 1000, 1000, 1000, 2048, 8_000,
+        "experiments/results/bench_offline_llama8b.json", expected_output_tokens=1_000_000),
+}
 
 
-def environment() -> dict[str, object]:
-    import torch
-    import triton
+@dataclass(frozen=True, slots=True)
+class StepWork:
+    """What one executed step had to do, from its ``SchedulerOutput``."""
 
+    tokens: int  # tokens computed (prefill chunks + decodes)
+    context_tokens: int  # sum over requests of cached + new tokens: the KV attention reads
+    attention_pairs: int  # (new token, visible key) pairs under the causal mask
+    sampled_rows: int
+
+    @classmethod
+    def of(cls, num_new: list[int], num_computed: list[int], samples: list[bool]) -> StepWork:
+        tokens = sum(num_new)
+        # Request with c cached and n new tokens: new token j (0-based) sees c + j + 1 keys.
+        pairs = sum(n * c + n * (n + 1) // 2 for n, c in zip(num_new, num_computed))
+        return cls(tokens, sum(num_computed) + tokens, pairs, sum(samples))
+
+
+class StepRecorder:
+    """Stands in for the engine's backend during the timed run: keeps each step's
+    ``SchedulerOutput`` counts (O(1) a step, so the measured host time does not grow) and
+    calls the real backend. ``EngineCore`` uses nothing of a backend but ``execute``."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._raw: dict[int, tuple[list[int], list[int], list[bool]]] = {}
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        self._raw[out.step_id] = (out.num_new_tokens, out.num_computed_tokens, out.samples)
+        return self.backend.execute(out)
+
+    def work(self) -> dict[int, StepWork]:
+        """Per step id, what the step had to do."""
+        return {sid: StepWork.of(*raw) for sid, raw in self._raw.items()}
+
+
+@dataclass(frozen=True)
+class FloorModel:
+    """The per-step roofline of the module docstring for one model and device."""
+
+    kv_bytes_per_token: int
+    weight_read_bytes: int
+    linear_flops_per_token: int
+    lm_head_flops_per_row: int
+    attention_flops_per_pair: int
+    bandwidth: float
+    peak_flops: float
+
+    @classmethod
+    def for_model(cls, config: Any, weight_bytes: int, bandwidth: float, peak_flops: float) -> FloorModel:
+        """From the model config and the runner's weight bytes (tied embeddings counted once);
+        the matrix shapes are read off the checkpoint layout, as the loader sees them."""
+        from executor.make_random_model import checkpoint_shapes
+        from executor.memory import kv_bytes_per_token
+
+        linear = sum(math.prod(shape) for name, shape in checkpoint_shapes(config)
+                     if ".layers." in name and len(shape) == 2)
+        embedding_bytes = config.vocab_size * config.hidden_size * config.dtype.itemsize
+        return cls(
+            kv_bytes_per_token=kv_bytes_per_token(config),
+            weight_read_bytes=weight_bytes - (0 if config.tie_word_embeddings else embedding_bytes),
+            linear_flops_per_token=2 * linear,
+            lm_head_flops_per_row=2 * config.vocab_size * config.hidden_size,
+            attention_flops_per_pair=4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim,
+            bandwidth=bandwidth, peak_flops=peak_flops)
+
+    def bytes(self, w: StepWork) -> int:
+        return w.context_tokens * self.kv_bytes_per_token + self.weight_read_bytes
+
+    def flops(self, w: StepWork) -> int:
+        return (w.tokens * self.linear_flops_per_token + w.sampled_rows * self.lm_head_flops_per_row
+                + w.attention_pairs * self.attention_flops_per_pair)
+
+    def seconds(self, w: StepWork) -> float:
+        return max(self.bytes(w) / self.bandwidth, self.flops(w) / self.peak_flops)
+
+    def compute_bound(self, w: StepWork) -> bool:
+        return self.flops(w) / self.peak_flops > self.bytes(w) / self.bandwidth
+
+
+def floor_summary(model: FloorModel, work: list[StepWork], output_tokens: int) -> dict[str, object]:
+    """The floor of a run's steps, with its inputs, for the result JSON."""
+    seconds = sum(model.seconds(w) for w in work)
+    total_bytes = sum(model.bytes(w) for w in work)
+    total_flops = sum(model.flops(w) for w in work)
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit_id(),
+        "formula": "sum_steps max((context_tokens*kv_bytes_per_token + weight_read_bytes)/bandwidth, "
+                   "(tokens*linear_flops_per_token + sampled_rows*lm_head_flops_per_row "
+                   "+ attention_pairs*attention_flops_per_pair)/peak_flops)",
+        "bandwidth_bytes_per_s": model.bandwidth, "peak_flops": model.peak_flops,
+        "steps": len(work), "compute_bound_steps": sum(model.compute_bound(w) for w in work),
+        "tokens_computed": sum(w.tokens for w in work),
+        "context_tokens_read": sum(w.context_tokens for w in work),
+        "attention_pairs": sum(w.attention_pairs for w in work),
+        "sampled_rows": sum(w.sampled_rows for w in work),
+        "kv_bytes_per_token": model.kv_bytes_per_token, "weight_read_bytes": model.weight_read_bytes,
+        "linear_flops_per_token": model.linear_flops_per_token,
+        "lm_head_flops_per_row": model.lm_head_flops_per_row,
+        "attention_flops_per_pair": model.attention_flops_per_pair,
+        "bytes": total_bytes, "flops": total_flops,
+        "seconds": seconds, "bandwidth_only_seconds": total_bytes / model.bandwidth,
+        "overlapped_seconds": max(total_bytes / model.bandwidth, total_flops / model.peak_flops),
+        "tok_per_s_at_floor": output_tokens / seconds if seconds else None,
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
-    ap.add_argument("--num-seqs", type=int, default=256)
-    ap.add_argument("--max-input-len", type=int, default=1024)
-    ap.add_argument("--max-output-len", type=int, default=1024)
-    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="nano-vllm")
+    ap.add_argument("--model-dir", default=None, help="default: the workload's shape under the models root")
+    ap.add_argument("--num-seqs", type=int, default=None)
+    ap.add_argument("--input-len", "--max-input-len", dest="input_len", type=int, default=None,
+                    help="nano-vllm: the largest drawn prompt length; llama8b-1k: every prompt's")
+    ap.add_argument("--output-len", "--max-output-len", dest="output_len", type=int, default=None,
+                    help="nano-vllm: the largest drawn output length; llama8b-1k: every request's")
+    ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--bandwidth", type=float, default=BANDWIDTH)
+    ap.add_argument("--peak-flops", type=float, default=PEAK_FLOPS)
     ap.add_argument("--attention-num-splits", type=int, default=None,
                     help="force the decode CUDA graphs' paged-attention split-K factor")
-    ap.add_argument("--out", default="experiments/results/bench_offline.json")
+    ap.add_argument("--out", default=None, help="default: the workload's JSON under experiments/results")
     ap.add_argument("--profile", action="store_true",
-                    help="afterwards, print a torch.profiler kernel table of 10 decode steps at batch 256")
+                    help="afterwards, print a torch.profiler kernel table of 10 decode steps of the same prompts")
     args = ap.parse_args(argv)
+    wl = WORKLOADS[args.workload]
+    num_seqs = args.num_seqs or wl.num_seqs
+    input_len = args.input_len or wl.input_len
+    output_len = args.output_len or wl.output_len
+    max_model_len = args.max_model_len or wl.max_model_len
 
     import torch
 
-    from core.sampling_params import SamplingParams
     from executor import LLM
-    from executor.memory import kv_bytes_per_token
 
-    path = ensure_model(args.model_dir, "Qwen3-0.6B")
+    path = ensure_model(args.model_dir or default_model_dir(wl.shape), wl.shape)
     t = time.perf_counter()
-    llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+    llm = LLM(path, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               attention_num_splits=args.attention_num_splits)
@@ -172,84 +262,84 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     runner = llm.runner
     print(f"LLM ready in {init_s:.1f} s: {llm.backend.describe()}", flush=True)
 
-    # nano-vllm bench.py, in its order.
-    random.seed(0)
-    num_seqs, max_input_len, max_ouput_len = args.num_seqs, args.max_input_len, args.max_output_len
-    prompt_token_ids = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
-    sampling_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_ouput_len))
-                       for _ in range(num_seqs)]
+    prompt_token_ids, sampling_params = wl.build(num_seqs, input_len, output_len, llm.model_config.vocab_size)
     total_tokens = sum(sp.max_tokens for sp in sampling_params)
-    default_workload = (num_seqs, max_input_len, max_ouput_len) == (256, 1024, 1024)
-    if default_workload:
-        assert total_tokens == EXPECTED_OUTPUT_TOKENS, total_tokens
+    if (num_seqs, input_len, output_len) == (wl.num_seqs, wl.input_len, wl.output_len):
+        assert total_tokens == wl.expected_output_tokens, total_tokens
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)  # warm-up ("Benchmark: " in nano-vllm)
 
     engine = llm.engine
     first_step = len(engine.steps)
     stats = runner.stats
-    stats.record_steps = True
-    stats.step_context_tokens.clear()
-    before = dict(steps=stats.steps, graph=stats.graph_steps, eager=stats.eager_steps, ctx=stats.context_tokens,
-                  prep=stats.prepare_seconds, exe=stats.execute_seconds)
+    before = {"steps": stats.steps, "graph": stats.graph_steps, "eager": stats.eager_steps,
+              "prep": stats.prepare_seconds, "exe": stats.execute_seconds}
     bd_before = dict(engine.breakdown)
+    recorder = StepRecorder(engine.backend)
+    engine.backend = recorder
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.time()
-    outputs = llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)
+    try:
+        outputs = llm.generate(prompt_token_ids, sampling_params, use_tqdm=False)
+    finally:
+        engine.backend = recorder.backend
     elapsed = time.time() - t
     produced = sum(len(o.token_ids) for o in outputs)
     assert produced == total_tokens, (produced, total_tokens)
     throughput = total_tokens / elapsed
 
     steps = engine.steps[first_step:]
-    num_steps = stats.steps - before["steps"]
-    ctx_tokens = stats.context_tokens - before["ctx"]
-    kv_tok = kv_bytes_per_token(llm.model_config)
-    w = runner.weight_bytes
-    floor_bytes = ctx_tokens * kv_tok + num_steps * w
-    floor_s = floor_bytes / args.bandwidth
+    work = recorder.work()
+    assert len(work) == len(steps) == stats.steps - before["steps"], (len(work), len(steps))
+    model = FloorModel.for_model(llm.model_config, runner.weight_bytes, args.bandwidth, args.peak_flops)
+    floor = floor_summary(model, [work[s.step_id] for s in steps], total_tokens)
+    floor_s = floor["seconds"]
     exec_s = stats.execute_seconds - before["exe"]
     prep_s = stats.prepare_seconds - before["prep"]
     device_s = engine.breakdown.get("device", 0.0) - bd_before.get("device", 0.0)
     prepare_ev_s = engine.breakdown.get("prepare", 0.0) - bd_before.get("prepare", 0.0)
 
     # Per step kind: pure decode vs steps with prefill tokens.
-    per_ctx = stats.step_context_tokens
     kinds: dict[str, dict[str, float]] = {}
-    if len(per_ctx) == len(steps):
-        for s, ctx in zip(steps, per_ctx):
-            kind = "decode" if s.num_prefill_tokens == 0 else "prefill_or_mixed"
-            k = kinds.setdefault(kind, {"steps": 0, "seconds": 0.0, "floor_seconds": 0.0, "tokens": 0})
-            k["steps"] += 1
-            k["seconds"] += s.duration
-            k["floor_seconds"] += (ctx * kv_tok + w) / args.bandwidth
-            k["tokens"] += s.num_prefill_tokens + s.num_decode_tokens
-        for k in kinds.values():
-            k["fraction_of_floor"] = k["floor_seconds"] / k["seconds"] if k["seconds"] else None
+    for s in steps:
+        kind = "decode" if s.num_prefill_tokens == 0 else "prefill_or_mixed"
+        k = kinds.setdefault(kind, {"steps": 0, "seconds": 0.0, "floor_seconds": 0.0, "tokens": 0})
+        k["steps"] += 1
+        k["seconds"] += s.duration
+        k["floor_seconds"] += model.seconds(work[s.step_id])
+        k["tokens"] += s.num_prefill_tokens + s.num_decode_tokens
+    for k in kinds.values():
+        k["fraction_of_floor"] = k["floor_seconds"] / k["seconds"] if k["seconds"] else None
     decode_durations = sorted(s.duration for s in steps if s.num_prefill_tokens == 0)
+    prompt_tokens = sum(len(p) for p in prompt_token_ids)
+    prefill_tokens = sum(s.num_prefill_tokens for s in steps)
 
     result = {
-        "benchmark": "nano-vllm bench.py: Qwen3-0.6B random bf16, 256 seqs, prompts 100-1024, outputs 100-1024",
+        "benchmark": wl.description,
+        "workload": args.workload,
         **environment(),
-        "config": {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+        "config": {"num_seqs": num_seqs, "input_len": input_len, "output_len": output_len,
+                   "max_model_len": max_model_len, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens,
                    "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
-                   "attention_num_splits": args.attention_num_splits},
+                   "attention_num_splits": args.attention_num_splits, "temperature": sampling_params[0].temperature},
         "kv_cache": llm.backend.describe(),
         "init_seconds": init_s,
         "output_tokens": total_tokens,
-        "prompt_tokens": sum(len(p) for p in prompt_token_ids),
+        "prompt_tokens": prompt_tokens,
         "seconds": elapsed,
         "output_tok_per_s": throughput,
-        "target_tok_per_s": TARGET_TOK_S,
-        "meets_target": throughput >= TARGET_TOK_S,
-        "floor": {
-            "bandwidth_bytes_per_s": args.bandwidth, "steps": num_steps, "context_tokens_read": ctx_tokens,
-            "kv_bytes_per_token": kv_tok, "weight_bytes": w, "bytes": floor_bytes, "seconds": floor_s,
-            "tok_per_s_at_floor": total_tokens / floor_s,
-        },
+        "target_tok_per_s": wl.target_tok_s,
+        "meets_target": throughput >= wl.target_tok_s,
+        "floor": floor,
         "fraction_of_floor": floor_s / elapsed,
+        "scheduling": {
+            "max_batch": max(s.batch_size for s in steps),
+            "preemptions": sum(s.num_preempted for s in steps),
+            "prefill_tokens": prefill_tokens,
+            "recomputed_prefill_tokens": prefill_tokens - prompt_tokens,  # re-prefills after recompute preemption
+        },
         "time_split": {
             "wall_seconds": elapsed,
             "sum_step_durations": exec_s,
@@ -259,24 +349,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "outside_execute_seconds": elapsed - exec_s,  # scheduler, update, Python loop
             "device_busy_fraction": device_s / elapsed if elapsed else None,
         },
-        "steps": {"total": num_steps, "graph": stats.graph_steps - before["graph"],
+        "steps": {"total": len(steps), "graph": stats.graph_steps - before["graph"],
                   "eager": stats.eager_steps - before["eager"], "by_kind": kinds,
                   "decode_step_ms_median": 1e3 * statistics.median(decode_durations) if decode_durations else None,
-                  "prepare_ms_per_step": 1e3 * prep_s / max(num_steps, 1),
+                  "prepare_ms_per_step": 1e3 * prep_s / max(len(steps), 1),
                   "first_steps_ms": [round(1e3 * s.duration, 2) for s in steps[:14]]},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    ts = result["time_split"]
+    out = write_result(args.out or wl.out, result)
+    ts, sc = result["time_split"], result["scheduling"]
     print(f"Total: {total_tokens}tok, Time: {elapsed:.2f}s, Throughput: {throughput:.2f}tok/s "
-          f"({'meets' if result['meets_target'] else 'misses'} the {TARGET_TOK_S} tok/s target)")
-    print(f"floor: {floor_s:.2f} s ({num_steps} steps, {ctx_tokens:,} context tokens x {kv_tok} B + "
-          f"{w / 1e9:.2f} GB weights per step at {args.bandwidth / 1e12:.1f} TB/s) -> "
-          f"{100 * result['fraction_of_floor']:.1f}% of floor")
+          f"({'meets' if result['meets_target'] else 'misses'} the {wl.target_tok_s} tok/s target)")
+    print(f"floor: {floor_s:.2f} s ({len(steps)} steps, {floor['compute_bound_steps']} compute-bound; "
+          f"{floor['context_tokens_read']:,} context tokens x {model.kv_bytes_per_token} B + "
+          f"{model.weight_read_bytes / 1e9:.2f} GB weights per step at {args.bandwidth / 1e12:.1f} TB/s, "
+          f"{floor['flops'] / 1e15:.2f} PFLOP at {args.peak_flops / 1e12:.0f} TFLOP/s) -> "
+          f"{100 * result['fraction_of_floor']:.1f}% of floor ({floor['tok_per_s_at_floor']:,.0f} tok/s at 100%)")
     print(f"time split: wall {elapsed:.2f} s = steps {exec_s:.2f} s (device {ts['device_seconds']:.2f} s, "
           f"host prep {prep_s:.3f} s) + outside execute {ts['outside_execute_seconds']:.2f} s; "
-          f"graph steps {result['steps']['graph']}/{num_steps}")
+          f"graph steps {result['steps']['graph']}/{len(steps)}")
+    print(f"scheduling: max batch {sc['max_batch']}, {sc['preemptions']} preemptions, "
+          f"{sc['recomputed_prefill_tokens']:,} recomputed prefill tokens")
     print(f"first steps (ms): {result['steps']['first_steps_ms']}")
     for name, k in kinds.items():
         print(f"  {name}: {k['steps']} steps, {k['seconds']:.2f} s, floor {k['floor_seconds']:.2f} s "
@@ -288,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         from core.request import Request
 
         # The same prompts again (prefix-cache hits make their prefill short), then 10
-        # profiled decode steps at batch 256.
+        # profiled decode steps of as many of them as fit.
         for i, p in enumerate(prompt_token_ids):
             engine.add_request(Request(f"profile-{i}", p, SamplingParams(temperature=0.6, ignore_eos=True,
                                                                           max_tokens=64)))
