@@ -265,9 +265,9 @@ class LazyDecodeScheduler(Scheduler):
         reqs: list[Request] = []
         nums: list[int] = []
         active = self._active
-        if not active:
+        if not active:  # the common case: only parked requests, no merge needed
             self._run_edges(edges, s)
-            order = active
+            order = []
         elif edges:
             order = sorted(active + edges, key=self._seq.__getitem__)
         else:
@@ -315,8 +315,9 @@ class LazyDecodeScheduler(Scheduler):
         return out
 
     def _fits(self, edges: list[Request]) -> bool:
-        """Whether step ``s`` can run lazily: every running request gets its tokens within the
-        budget and every allocation is sure to succeed (so nobody is preempted)."""
+        """Whether the next step can run lazily: every running request gets its tokens within
+        the budget and every allocation (``edges`` and the active requests') is sure to succeed,
+        so nobody is preempted."""
         kv = self.kv
         bs = kv.block_size
         held = kv.req_to_blocks
