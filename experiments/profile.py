@@ -17,11 +17,15 @@ the numbers are pure device time without launch gaps; warm-ups first, median of 
   decode rows tiled as beside a prefill chunk (``attn_decode_eager``); decode batches with
   evenly spread contexts (``meta.attn_decode_uneven``, a diagnostic for a wave-aware term);
   prefill vs (chunk, context) as an eager step launches it;
-* real ``EngineCore`` steps on the ``RealBackend``: pure-decode steps (CUDA graphs) and
-  serving-like eager steps (16 decodes + one fresh prompt), twice (a cold pass right after
-  start-up, kept as a diagnostic, and a warm pass after the op timings, which is fitted);
-  eager steps after graph steps and after idling, each paired with the same step run right
-  after it (``overhead.eager_after_graph_s`` / ``eager_after_idle_s``: the median difference). A step's wall time
+* real ``EngineCore`` steps on the ``RealBackend``: right after start-up, pure-decode steps
+  (CUDA graphs), lone prefills and a cold pass of serving-like eager steps (16 decodes + one
+  fresh prompt; a diagnostic); after the op timings, the fitted eager steps in interleaved
+  rounds (``measure_eager_rounds``): each round visits every prompt size of those steps and
+  the eager steps after graph steps and after idling, each paired with the same step run
+  right after it (``overhead.eager_after_graph_s`` / ``eager_after_idle_s``: the median
+  difference), in shuffled order, and reads the GPU and CPU clocks at its start and end;
+  slow rounds are left out of the fit (``steady_rounds``), and every step's wall is kept
+  in the profile's ``samples`` with one summary row per round. A step's wall time
   (start of one step to the start of the next: scheduling, input preparation, launch,
   sampling, the engine's update) minus the device time the tables predict gives the CPU
   terms: ``graph_s`` + ``cpu_per_request_s`` per request for graph steps; for eager steps,
@@ -45,10 +49,15 @@ import datetime as _dt
 import gc
 import json
 import math
+import os
 import platform
+import random
+import shutil
 import statistics
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +91,18 @@ QUICK_DECODE_BATCHES = [1, 4]
 FULL_PREFILL_STEPS = [32, 128, 240, 512, 1024, 2048, 4096]
 QUICK_PREFILL_STEPS = [16, 64]
 MIXED_DECODES = 16  # decodes running beside each measured prefill
-AFTER_PREFILLS = [144, 528, 2064]  # eager steps after graph steps / after idling (diagnostics)
+AFTER_PREFILLS = [144, 528, 2064]  # eager steps after graph steps / after idling (paired)
 AFTER_GRAPH_STEPS = 8
 AFTER_IDLE_S = 0.3
-AFTER_REPS = 12  # pairs per prompt size: the switch cost is ~1 ms on ~13 ms steps
+# The fitted eager steps run in rounds, each visiting every mixed prompt size and one after-graph
+# and one after-idle pair per size in shuffled order: 12 pairs per size (the switch cost is
+# ~1 ms on ~13 ms steps) and 12 samples per mixed size; a slow period of the host then hits
+# every size alike and shows as slow rounds (``steady_rounds``).
+EAGER_ROUNDS = 12
+QUICK_EAGER_ROUNDS = 3
+EAGER_ROUNDS_SEED = 3
+STEADY_REFERENCE_QUANTILE = 0.25  # per step kind and size: the fast level a slow period cannot undercut
+DRIFT_LIMIT = 1.10  # a round segment more than 10% above that level (median over its steps) is slow
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -447,11 +464,22 @@ def _mixed_steps(backend: Any, base: dict[str, Any], num_decodes: int, prefills:
     return [r for r in records if len(r[0].req_ids) == num_decodes + 1]
 
 
-def measure_engine_steps(backend: Any, quick: bool, log: Callable[[str], None], seed: int = 0,
-                         only_mixed: bool = False) -> dict[str, list[tuple[Any, float, float]]]:
-    """Real engine steps: pure decode (CUDA graphs) at several batch sizes, serving-like
-    mixed eager steps (16 decodes + one fresh prompt of T tokens), and lone fresh
-    prefills (one request a step; kept as a diagnostic only)."""
+def _mixed_grid(runner: Any, quick: bool, num_dec: int) -> list[int]:
+    """Prompt sizes of the mixed eager steps: the grid up to what one step can schedule beside
+    ``num_dec`` decodes, plus that limit itself."""
+    limit = min(runner.max_num_batched_tokens - num_dec, runner.max_model_len - 1)
+    grid = [t for t in (QUICK_PREFILL_STEPS if quick else FULL_PREFILL_STEPS) if t <= limit]
+    if limit not in grid and limit > grid[-1]:
+        grid.append(limit)
+    return grid
+
+
+def measure_engine_steps(backend: Any, quick: bool, log: Callable[[str], None],
+                         seed: int = 0) -> dict[str, list[tuple[Any, float, float]]]:
+    """Real engine steps in a fresh process state: pure decode (CUDA graphs) at several batch
+    sizes (the graph fit's data), serving-like mixed eager steps (16 decodes + one fresh
+    prompt of T tokens, one size at a time: the cold pass, a diagnostic since the eager fit
+    uses ``measure_eager_rounds``) and lone fresh prefills (a diagnostic)."""
     runner = backend.runner
     graph_max = max(runner.capture_sizes, default=0)
     vocab = runner.config.vocab_size
@@ -461,15 +489,10 @@ def measure_engine_steps(backend: Any, quick: bool, log: Callable[[str], None], 
     gc.collect()
     out: dict[str, list[tuple[Any, float, float]]] = {"decode": [], "mixed": [], "lone_prefill": []}
     num_dec = 2 if quick else MIXED_DECODES
-    limit = min(runner.max_num_batched_tokens - num_dec, runner.max_model_len - 1)
-    grid = [t for t in (QUICK_PREFILL_STEPS if quick else FULL_PREFILL_STEPS) if t <= limit]
-    if limit not in grid and limit > grid[-1]:
-        grid.append(limit)
+    grid = _mixed_grid(runner, quick, num_dec)
     t = time.perf_counter()
     out["mixed"] = _mixed_steps(backend, base, num_dec, grid, 3 if quick else 8, vocab, rng)
     log(f"  mixed eager steps: {len(out['mixed'])} ({time.perf_counter() - t:.1f} s)")
-    if only_mixed:
-        return out
     for b in (QUICK_DECODE_BATCHES if quick else FULL_DECODE_BATCHES):
         if b > runner.max_num_seqs:
             continue
@@ -712,15 +735,155 @@ def make_v2(raw: dict[str, Any], *, pool_tokens: int, split_max_batch: int, late
     return v2
 
 
-def measure_eager_after(backend: Any, quick: bool, seed: int = 2) -> dict[str, list[tuple[Any, float, float]]]:
-    """Eager steps in two situations the serving loop meets and the mixed pass does not,
-    each paired with the same step shape run right after it (back to back), so that the
-    pair's difference is the switch cost whatever the process state: ``after_graph`` --
-    ``MIXED_DECODES`` decodes ran ``AFTER_GRAPH_STEPS`` CUDA-graph steps, then a fresh prompt
-    arrives (the mixed pass's step shape); ``after_idle`` -- the engine sat idle for
-    ``AFTER_IDLE_S``, then a lone prompt arrives. ``<kind>_b2b`` hold the paired steps, in
-    the same order. Wall = the step's start to the return of ``engine.step`` (it includes the
-    engine's update)."""
+# --- interleaved eager rounds (the eager fit's data) --------------------------------------
+SEGMENT_OF = {"mixed": "decoders", "after_graph": "decoders", "after_graph_b2b": "decoders",
+              "after_idle": "idle", "after_idle_b2b": "idle"}
+
+
+def _num(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def _cpuinfo_mhz(cores: set[int]) -> list[float]:
+    """``cpu MHz`` of these logical CPUs (all if empty) from /proc/cpuinfo, [] if unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    out, proc = [], -1
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            proc = int(val)
+        elif key == "cpu MHz" and (not cores or proc in cores):
+            out.append(float(val))
+    return out
+
+
+class ClockProbe:
+    """GPU clocks and the CPU's frequency and load at an instant, read at the start and end of
+    every eager round, to tell a slow period of the host or the GPU from a slow step shape
+    (session 3's profile ran equal eager steps at 12 or 18-21 ms depending on when they ran).
+    Fail-soft: what cannot be read is left out; nvidia-smi (the GPU this process uses, by
+    UUID, else every GPU; all fields, else the SM clock) is dropped after one timeout, and
+    ``torch.cuda.clock_rate`` (needs nvidia-ml-py) is the fallback for the SM clock. A call
+    slower than ``slow_s`` is the last one (24 calls must not add more than seconds)."""
+
+    SMI_FIELDS = ("clocks.sm", "clocks.mem", "temperature.gpu", "power.draw", "clocks_throttle_reasons.active")
+    SMI_KEYS = ("gpu_sm_mhz", "gpu_mem_mhz", "gpu_temp_c", "gpu_power_w", "gpu_throttle_reasons")
+
+    def __init__(self, device: torch.device, timeout_s: float = 3.0, slow_s: float = 0.5) -> None:
+        self.device = device
+        self.timeout_s = timeout_s
+        self.slow_s = slow_s
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.sources: dict[str, str] = {}
+        self._smi: list[list[str]] = []  # nvidia-smi argument lists left to try, the working one first
+        self._nvml = device.type == "cuda"
+        if device.type == "cuda" and shutil.which("nvidia-smi"):
+            uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+            ids = ([["-i", f"GPU-{uuid}"]] if uuid else []) + [[]]
+            self._smi = [[*i, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+                         for fields in (self.SMI_FIELDS, self.SMI_FIELDS[:1]) for i in ids]
+
+    def read(self) -> dict[str, Any]:
+        out = self._cpu()
+        if self.device.type == "cuda":
+            out.update(self._gpu())
+        return out
+
+    def _cpu(self) -> dict[str, Any]:
+        mhz: list[float] = []
+        for c in self.cores:
+            try:
+                mhz.append(int(Path(f"/sys/devices/system/cpu/cpu{c}/cpufreq/scaling_cur_freq").read_text()) / 1e3)
+            except (OSError, ValueError):
+                mhz = []
+                break
+        source = "sysfs scaling_cur_freq"
+        if not mhz:
+            mhz, source = _cpuinfo_mhz(set(self.cores)), "/proc/cpuinfo"
+        out: dict[str, Any] = {}
+        if mhz:
+            self.sources["cpu"] = f"{source}, over the {len(mhz)} CPUs this process may run on"
+            out.update(cpu_mhz_mean=round(statistics.fmean(mhz), 1), cpu_mhz_min=round(min(mhz), 1),
+                       cpu_mhz_max=round(max(mhz), 1))
+        try:
+            out["load1"] = round(os.getloadavg()[0], 2)
+        except OSError:
+            pass
+        return out
+
+    def _gpu(self) -> dict[str, Any]:
+        while self._smi:
+            args = self._smi[0]
+            t0 = time.perf_counter()
+            try:
+                res = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, check=False,
+                                     timeout=self.timeout_s)
+            except (OSError, subprocess.TimeoutExpired):
+                self._smi = []
+                break
+            rows = [[_num(v) for v in line.split(",")] for line in res.stdout.strip().splitlines()]
+            if res.returncode == 0 and rows and all(len(r) == len(rows[0]) for r in rows):
+                self.sources["gpu"] = "nvidia-smi " + " ".join(args[:-2] or ["(every GPU)"]) + f" {args[-2]}"
+                keys = self.SMI_KEYS[:len(rows[0])]
+                if time.perf_counter() - t0 > self.slow_s:
+                    self._smi = []
+                return (dict(zip(keys, rows[0])) if len(rows) == 1
+                        else {k: [r[i] for r in rows] for i, k in enumerate(keys)})
+            self._smi.pop(0)
+        if self._nvml:
+            try:
+                mhz = torch.cuda.clock_rate(self.device)
+            except Exception:  # noqa: BLE001 - no nvidia-ml-py / NVML: no GPU clock
+                self._nvml = False
+            else:
+                self.sources["gpu"] = "torch.cuda.clock_rate"
+                return {"gpu_sm_mhz": mhz}
+        return {}
+
+
+@dataclass
+class EagerRounds:
+    """Every recorded step of ``measure_eager_rounds`` in execution order (parallel lists: its
+    series -- a ``SEGMENT_OF`` key --, its round, the (scheduler output, wall, measured
+    duration) record, and its start in seconds since the pass began) and, per round, its
+    segments' order, start and end times and the clock readings at both ends."""
+
+    seed: int
+    series: list[str] = field(default_factory=list)
+    round: list[int] = field(default_factory=list)
+    records: list[tuple[Any, float, float]] = field(default_factory=list)
+    start_s: list[float] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    clock_sources: dict[str, str] = field(default_factory=dict)
+
+    def select(self, series: str, rounds: Collection[int] | None = None) -> list[tuple[Any, float, float]]:
+        """The records of one series, in order, from these rounds only (all if None)."""
+        return [rec for s, r, rec in zip(self.series, self.round, self.records)
+                if s == series and (rounds is None or r in rounds)]
+
+
+def measure_eager_rounds(backend: Any, quick: bool, log: Callable[[str], None], seed: int = EAGER_ROUNDS_SEED,
+                         rounds: int | None = None) -> EagerRounds:
+    """The eager steps the fit uses, in rounds (``EAGER_ROUNDS``). A round has two segments,
+    each on a fresh engine, their order alternating: *decoders* -- ``MIXED_DECODES`` requests
+    keep decoding while, in shuffled order, each mixed prompt size runs once as an eager step
+    right after an eager step (``mixed``), and each ``AFTER_PREFILLS`` size once right after
+    ``AFTER_GRAPH_STEPS`` CUDA-graph steps (``after_graph``), paired with the same shape run
+    right after it (``after_graph_b2b``; the pair's difference is the switch cost whatever the
+    process state); *idle* -- in shuffled order each ``AFTER_PREFILLS`` size as a lone prompt
+    after ``AFTER_IDLE_S`` of idling (``after_idle``), paired likewise (``after_idle_b2b``).
+    Measured one size at a time, a slow period of the host moved whole sizes (session 3);
+    interleaved, it slows every size of the rounds it covers (``steady_rounds`` finds them).
+    A step's wall runs from the arriving prompt's ``add_request`` (its token ids drawn before)
+    to the return of ``engine.step``, the work between two step starts in serving; a decoder
+    segment opens with an unrecorded eager step, so that every ``mixed`` step follows one."""
     from core.config import SchedulerConfig
     from core.engine import EngineCore
     from core.request import Request
@@ -728,60 +891,206 @@ def measure_eager_after(backend: Any, quick: bool, seed: int = 2) -> dict[str, l
 
     runner = backend.runner
     vocab = runner.config.vocab_size
-    rng = np.random.default_rng(seed)
-    base = {"max_num_seqs": runner.max_num_seqs, "max_num_batched_tokens": runner.max_num_batched_tokens,
-            "max_model_len": runner.max_model_len}
-    limit = min(runner.max_num_batched_tokens - MIXED_DECODES, runner.max_model_len - 1)
-    sizes = [t for t in ((16, 64) if quick else AFTER_PREFILLS) if t <= limit]
-    reps = 2 if quick else AFTER_REPS
+    ids_rng = np.random.default_rng(seed)
+    order_rng = random.Random(seed)
+    sched = SchedulerConfig(max_num_seqs=runner.max_num_seqs, max_num_batched_tokens=runner.max_num_batched_tokens,
+                            max_model_len=runner.max_model_len)
+    num_dec = 2 if quick else MIXED_DECODES
+    mixed = _mixed_grid(runner, quick, num_dec)
+    limit = min(runner.max_num_batched_tokens - num_dec, runner.max_model_len - 1)
+    after = [t for t in ((16, 64) if quick else AFTER_PREFILLS) if t <= limit]
     gap = 2 if quick else AFTER_GRAPH_STEPS
-    kinds = ("after_graph", "after_idle")
-    out: dict[str, list[tuple[Any, float, float]]] = {k: [] for k in (*kinds, *(f"{k}_b2b" for k in kinds))}
-    for kind in kinds:
-        num_dec = (2 if quick else MIXED_DECODES) if kind == "after_graph" else 0
-        engine = EngineCore(SchedulerConfig(**base), backend.cache_config, backend, eos_token_id=backend.eos_token_id)
+    idle_s = 0.05 if quick else AFTER_IDLE_S
+    probe = ClockProbe(runner.device)
+    res = EagerRounds(seed)
+    num_prompts = 0
+    gc.collect()
+    t_pass = time.perf_counter()
+
+    def fresh_engine(decoders: int, steps: int) -> Any:
+        engine = EngineCore(sched, backend.cache_config, backend, eos_token_id=backend.eos_token_id)
         backend.bind(engine.scheduler.requests)
-        backend.runner.reset()
-        need = len(sizes) * reps * (gap + 2) + 8
-        for i in range(num_dec):
-            engine.add_request(Request(f"d{i}", rng.integers(3, vocab, size=32).tolist(),
-                                       SamplingParams(max_tokens=need, ignore_eos=True), arrival_time=0.0))
-        t0 = time.perf_counter()
-        if num_dec:
-            engine.step(0.0)
-        k = 0
+        runner.reset()
+        for i in range(decoders):
+            engine.add_request(Request(f"d{i}", ids_rng.integers(3, vocab, size=32).tolist(),
+                                       SamplingParams(max_tokens=steps, ignore_eos=True), arrival_time=0.0))
+        return engine
 
-        def prompt_step(t: int) -> tuple[Any, float, float] | None:
-            nonlocal k
-            engine.add_request(Request(f"a{k}", rng.integers(3, vocab, size=t).tolist(),
-                                       SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0))
-            k += 1
-            start = time.perf_counter()
-            res = engine.step(start - t0)
-            wall = time.perf_counter() - start
-            so = res.scheduler_output
-            ok = so is not None and not so.is_empty and len(so.req_ids) == num_dec + 1
-            return (so, wall, res.duration) if ok else None
+    def step(engine: Any) -> None:
+        engine.step(time.perf_counter() - t_pass)
 
-        for t in sizes:
-            for _ in range(reps):
-                if num_dec:
-                    for _ in range(gap):
-                        engine.step(time.perf_counter() - t0)
-                else:
-                    time.sleep(0.05 if quick else AFTER_IDLE_S)
-                first, second = prompt_step(t), prompt_step(t)
-                if first is not None and second is not None:
-                    out[kind].append(first)
-                    out[f"{kind}_b2b"].append(second)
+    def prompt_step(engine: Any, t: int, decoders: int) -> tuple[tuple[Any, float, float], float] | None:
+        """A fresh prompt of ``t`` tokens (max_tokens=1) and the step that prefills it: (record,
+        start) if the step was exactly the decoders plus the whole prompt, else None."""
+        nonlocal num_prompts
+        ids = ids_rng.integers(3, vocab, size=t).tolist()
+        start = time.perf_counter()
+        engine.add_request(Request(f"a{num_prompts}", ids, SamplingParams(max_tokens=1, ignore_eos=True),
+                                   arrival_time=0.0))
+        out = engine.step(start - t_pass)
+        wall = time.perf_counter() - start
+        num_prompts += 1
+        so = out.scheduler_output
+        if so is None or len(so.req_ids) != decoders + 1 or so.total_num_scheduled_tokens != t + decoders:
+            return None
+        return (so, wall, out.duration), start - t_pass
+
+    def record(rnd: int, *steps: tuple[str, tuple[tuple[Any, float, float], float] | None]) -> None:
+        """Keep these steps (one, or a pair) only if each had the intended shape."""
+        kept = [(series, s) for series, s in steps if s is not None]
+        if len(kept) == len(steps):
+            for series, (rec, start) in kept:
+                res.series.append(series)
+                res.round.append(rnd)
+                res.records.append(rec)
+                res.start_s.append(start)
+
+    def decoder_segment(rnd: int) -> None:
+        items = [("mixed", t) for t in mixed] + [("after_graph", t) for t in after]
+        order_rng.shuffle(items)
+        engine = fresh_engine(num_dec, 8 + len(mixed) + len(after) * (gap + 2))
+        step(engine)  # the decoders' prefill
+        step(engine)  # a graph step
+        prompt_step(engine, mixed[0], num_dec)  # unrecorded: the first recorded step follows an eager one
+        for series, t in items:
+            if series == "mixed":
+                record(rnd, ("mixed", prompt_step(engine, t, num_dec)))
+                continue
+            for _ in range(gap):
+                step(engine)
+            first = prompt_step(engine, t, num_dec)
+            record(rnd, ("after_graph", first), ("after_graph_b2b", prompt_step(engine, t, num_dec)))
         for rid in list(engine.scheduler.requests):
             engine.abort_request(rid, 0.0)
-    return out
+
+    def idle_segment(rnd: int) -> None:
+        sizes = list(after)
+        order_rng.shuffle(sizes)
+        engine = fresh_engine(0, 1)
+        for t in sizes:
+            time.sleep(idle_s)
+            first = prompt_step(engine, t, 0)
+            record(rnd, ("after_idle", first), ("after_idle_b2b", prompt_step(engine, t, 0)))
+        for rid in list(engine.scheduler.requests):
+            engine.abort_request(rid, 0.0)
+
+    for rnd in range(rounds or (QUICK_EAGER_ROUNDS if quick else EAGER_ROUNDS)):
+        segments = ("decoders", "idle") if rnd % 2 == 0 else ("idle", "decoders")
+        info: dict[str, Any] = {"round": rnd, "segments": list(segments), "clock_start": probe.read(),
+                                "start_s": round(time.perf_counter() - t_pass, 3)}
+        for seg in segments:
+            (decoder_segment if seg == "decoders" else idle_segment)(rnd)
+        info["end_s"] = round(time.perf_counter() - t_pass, 3)
+        info["clock_end"] = probe.read()
+        res.rounds.append(info)
+    res.clock_sources = dict(probe.sources)
+    log(f"  {len(res.records)} eager steps in {len(res.rounds)} rounds ({time.perf_counter() - t_pass:.1f} s)")
+    return res
+
+
+def steady_rounds(steps: EagerRounds, limit: float = DRIFT_LIMIT, quantile: float = STEADY_REFERENCE_QUANTILE
+                  ) -> tuple[dict[str, list[int]], dict[str, list[float | None]]]:
+    """(steady rounds, drift) per segment (``decoders``, ``idle``). Per series and prompt size
+    the reference wall is the ``quantile`` of its walls over the rounds: a slow period only adds
+    time, so while at least a quarter of the rounds are steady the lower quartile sits at the
+    steady level, and unlike the minimum it is not one lucky sample. A segment's drift in a
+    round is the median over its steps of wall / reference, and the segment is steady there if
+    that is at most ``limit``: back-to-back eager steps vary by a few percent, session 3's slow
+    periods were 30-75% slower. The fit then takes, per size, the median over the steady rounds:
+    slow rounds are left out even as a majority (up to three quarters), where a plain median
+    would follow them, and a slow stretch within a steady round costs each size one sample of
+    its median. With fewer than two steady rounds, a segment keeps all its rounds (the pass
+    has no fast level to prefer)."""
+    keys = [(s, int(r[0].total_num_scheduled_tokens)) for s, r in zip(steps.series, steps.records)]
+    walls = [r[1] for r in steps.records]
+    by_key: dict[tuple[str, int], list[float]] = {}
+    for key, w in zip(keys, walls):
+        by_key.setdefault(key, []).append(w)
+    ref = {key: float(np.quantile(ws, quantile)) for key, ws in by_key.items()}
+    steady: dict[str, list[int]] = {}
+    drift: dict[str, list[float | None]] = {}
+    for seg in ("decoders", "idle"):
+        ratios: list[list[float]] = [[] for _ in steps.rounds]
+        for key, w, r in zip(keys, walls, steps.round):
+            if SEGMENT_OF[key[0]] == seg:
+                ratios[r].append(w / ref[key])
+        drift[seg] = [float(np.median(x)) if x else None for x in ratios]
+        measured = [r for r, d in enumerate(drift[seg]) if d is not None]
+        ok = [r for r, d in enumerate(drift[seg]) if d is not None and d <= limit]
+        steady[seg] = ok if len(ok) >= 2 else measured
+    return steady, drift
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+def round_summary(steps: EagerRounds, steady: dict[str, list[int]],
+                  drift: dict[str, list[float | None]]) -> list[dict[str, Any]]:
+    """One row per round: its timing and clock readings, each segment's drift and steadiness,
+    the median wall of its mixed steps and the median switch cost of its pairs (ms)."""
+    rows = []
+    for info in steps.rounds:
+        r = info["round"]
+
+        def walls(series: str) -> list[float]:
+            return [rec[1] for s, rr, rec in zip(steps.series, steps.round, steps.records) if s == series and rr == r]
+
+        row = {**info, "drift": {seg: None if d[r] is None else round(d[r], 4) for seg, d in drift.items()},
+               "steady": {seg: r in rounds for seg, rounds in steady.items()}}
+        mixed = walls("mixed")
+        row["mixed_median_wall_ms"] = _ms(float(np.median(mixed))) if mixed else None
+        for kind in ("graph", "idle"):
+            diffs = [a - b for a, b in zip(walls(f"after_{kind}"), walls(f"after_{kind}_b2b"))]
+            row[f"after_{kind}_median_diff_ms"] = _ms(float(np.median(diffs))) if diffs else None
+        rows.append(row)
+    return rows
+
+
+def _round_line(row: dict[str, Any]) -> str:
+    """One log line per round: drift, steadiness, mixed median, switch costs, clocks."""
+    def fmt(d: float | None) -> str:
+        return "-" if d is None else f"{d:.2f}"
+
+    def clock(label: str, key: str) -> str:
+        a, b = row["clock_start"].get(key), row["clock_end"].get(key)
+        return "" if a is None and b is None else f", {label} {a}->{b}"
+
+    seg = " / ".join(f"{s} {fmt(row['drift'][s])}{'' if row['steady'][s] else ' SLOW'}" for s in row["segments"])
+    return (f"  round {row['round']:2d} ({row['start_s']:.1f}-{row['end_s']:.1f} s): drift {seg}; mixed median "
+            f"{row['mixed_median_wall_ms']} ms; switch graph {row['after_graph_median_diff_ms']} / idle "
+            f"{row['after_idle_median_diff_ms']} ms{clock('SM MHz', 'gpu_sm_mhz')}{clock('CPU MHz', 'cpu_mhz_mean')}"
+            f"{clock('load', 'load1')}")
+
+
+def _columns(records: list[tuple[Any, float, float]]) -> dict[str, list[Any]]:
+    return {"tokens": [int(r[0].total_num_scheduled_tokens) for r in records],
+            "reqs": [len(r[0].req_ids) for r in records],
+            "wall_ms": [_ms(r[1]) for r in records], "duration_ms": [_ms(r[2]) for r in records]}
+
+
+def samples_section(first: dict[str, list[tuple[Any, float, float]]], steps: EagerRounds,
+                    steady: dict[str, list[int]], per_round: list[dict[str, Any]]) -> dict[str, Any]:
+    """The profile's ``samples``: every timed engine step, columnar, so that a reader can see
+    drift and bimodal walls and refit, where the fit keeps only medians. ``first`` are the
+    steps of ``measure_engine_steps`` (before the op timings)."""
+    return {
+        "units": ("wall_ms / duration_ms: milliseconds (3 decimals); start_s, per_round start_s / end_s: "
+                  "seconds since the eager rounds began; tokens / reqs: the step's scheduled tokens / requests"),
+        "engine_steps": {name: _columns(recs) for name, recs in first.items()},
+        "eager_rounds": {
+            "seed": steps.seed, "rounds": len(steps.rounds), "reference_quantile": STEADY_REFERENCE_QUANTILE,
+            "drift_limit": DRIFT_LIMIT, "steady_rounds": steady, "clock_sources": steps.clock_sources,
+            "steps": {"series": steps.series, "round": steps.round,
+                      "start_s": [round(s, 3) for s in steps.start_s], **_columns(steps.records)},
+            "per_round": per_round,
+        },
+    }
 
 
 def after_penalties(after: dict[str, list[tuple[Any, float, float]]]) -> dict[str, float]:
     """``overhead.eager_after_graph_s`` / ``eager_after_idle_s``: the median over the pairs of
-    ``measure_eager_after`` of (wall after graph steps / idling - wall of the same shape run
+    ``measure_eager_rounds`` (those of its steady rounds) of (wall after graph steps / idling - wall of the same shape run
     right after it), never below 0 (a colder launch path cannot make a step cheaper; a
     negative median is noise). 0 without pairs."""
     out = {}
@@ -797,7 +1106,9 @@ def fit_overhead_v2(v2: dict[str, Any], records: dict[str, list[tuple[Any, float
                     log: Callable[[str], None]) -> dict[str, Any]:
     """Per-step CPU terms of a v2 profile from real engine steps (edits ``v2`` in place):
     ``graph_s`` + ``cpu_per_request_s`` * batch from the pure-decode (graph) steps' wall minus
-    the v2 device time, then the eager fit (``fit_eager_v2``) from the warm mixed steps."""
+    the v2 device time, then the eager fit (``fit_eager_v2``) from the mixed steps of the steady
+    eager rounds (``records["mixed"]``; ``mixed_cold`` and ``mixed_all_rounds`` are summarized
+    as diagnostics)."""
     from simulator.cost_model.base import BatchShape
 
     result: dict[str, Any] = {}
@@ -832,6 +1143,10 @@ def fit_overhead_v2(v2: dict[str, Any], records: dict[str, list[tuple[Any, float
         toks = np.array([r[0].total_num_scheduled_tokens for r in cold], dtype=float)
         result["mixed_cold_pass"] = _summary_by(cold, device(cold), toks)
         v2["meta"]["mixed_cold_pass"] = result["mixed_cold_pass"]
+    if records.get("mixed_all_rounds"):  # what the slow rounds would have moved (diagnostic)
+        every = records["mixed_all_rounds"]
+        toks = np.array([r[0].total_num_scheduled_tokens for r in every], dtype=float)
+        result["mixed_all_rounds_by_tokens"] = _summary_by(every, device(every), toks)
     if records.get("lone_prefill"):
         recs = records["lone_prefill"]
         toks = np.array([r[0].total_num_scheduled_tokens for r in recs], dtype=float)
@@ -893,8 +1208,7 @@ def v2_from_v1(v1: dict[str, Any], *, num_kv_heads: int, num_sms: int, pool_toke
 def build_profile(model_dir: str, *, model_name: str | None = None, hardware_name: str | None = None,
                   device: str | None = None, quick: bool = False, max_model_len: int = 16384,
                   max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, num_gpu_blocks: int | None = None,
-                  log: Callable[[str], None] = print, warm_pass: bool | None = None,
-                  **runner_options: Any) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, **runner_options: Any) -> dict[str, Any]:
     from core.config import SchedulerConfig
     from executor.backend import RealBackend, resolve_device
     from executor.layers import set_kernel_ops
@@ -982,25 +1296,32 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
             "attn_decode_uneven": uneven,
         },
     }
-    if warm_pass is None:
-        warm_pass = dev.type == "cuda" and not quick
-    if warm_pass:
-        # The first mixed pass ran in a cold process (its first eager steps were up to 2x
-        # slower); the eager fit uses this second, warm pass; the first stays as a diagnostic.
-        log("mixed eager steps again (warm)")
-        warm = measure_engine_steps(backend, quick, log, seed=1, only_mixed=True)["mixed"]
-        engine_records["mixed_cold"] = engine_records["mixed"]
-        engine_records["mixed"] = warm
-    log("eager steps after graph steps and after idling, each paired with a back-to-back one")
-    after = measure_eager_after(backend, quick, seed=2)
+    # The first mixed pass ran in a cold process (its first eager steps were up to 2x slower)
+    # and one size at a time: a diagnostic. The eager fit uses the interleaved rounds' steady ones.
+    log("eager steps in interleaved rounds (mixed; after graph steps / idling, each paired with a back-to-back one)")
+    eager = measure_eager_rounds(backend, quick, log)
+    steady, drift = steady_rounds(eager)
+    per_round = round_summary(eager, steady, drift)
+    for row in per_round:
+        log(_round_line(row))
+    first = {"decode": engine_records["decode"], "mixed_cold": engine_records["mixed"],
+             "lone_prefill": engine_records["lone_prefill"]}
+    records = {**first, "mixed": eager.select("mixed", steady["decoders"]), "mixed_all_rounds": eager.select("mixed")}
+    after = {s: eager.select(s, steady[seg]) for s, seg in SEGMENT_OF.items() if s != "mixed"}
     ref_reqs = (2 if quick else MIXED_DECODES) + 1
     profile = make_v2(raw, pool_tokens=runner.num_gpu_blocks * runner.block_size, split_max_batch=split_max,
                       latency_batch=lat, graph_sizes=list(runner.capture_sizes), graph_s=0.0, cpu_per_request_s=0.0,
                       mixed=None, ref_reqs=ref_reqs)
     profile["meta"]["v2"].update({"num_sms": sms, "num_kv_heads": cfg.num_key_value_heads})
     log("overhead fit")
-    profile["meta"]["overhead_fit"] = fit_overhead_v2(profile, engine_records, after, ref_reqs, log)
-    profile["meta"]["eager_fit"] = {"source": "mixed eager steps, warm pass" if warm_pass else "mixed eager steps"}
+    profile["meta"]["overhead_fit"] = fit_overhead_v2(profile, records, after, ref_reqs, log)
+    profile["meta"]["eager_fit"] = {
+        "source": "interleaved eager rounds",
+        "statistic": ("per prompt size, the median wall over the rounds whose decoder segment ran at the pass's "
+                      "fast level (drift <= drift_limit); switch penalties: the median paired difference over "
+                      "the steady rounds of their segment (see steady_rounds in experiments/profile.py)"),
+        "rounds": len(eager.rounds), "steady_rounds": steady, "drift_limit": DRIFT_LIMIT}
+    profile["samples"] = samples_section(first, eager, steady, per_round)
     profile["meta"]["profile_seconds"] = round(time.perf_counter() - t_start, 1)
     log(f"profile done in {profile['meta']['profile_seconds']} s")
     return profile

@@ -168,10 +168,22 @@ def test_whole_pipeline_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     model = write_random_model(tmp_path / "tiny", "Qwen3ForCausalLM", "tiny",
                                overrides={"max_position_embeddings": 1024})
     profile = build_profile(str(model), model_name="tiny-qwen3", device="cpu", quick=True, max_model_len=256,
-                            max_num_seqs=8, max_num_batched_tokens=256, num_gpu_blocks=256, log=lambda s: None,
-                            warm_pass=True)
-    assert profile["meta"]["eager_fit"]["source"] == "mixed eager steps, warm pass"
+                            max_num_seqs=8, max_num_batched_tokens=256, num_gpu_blocks=256, log=lambda s: None)
+    assert profile["meta"]["eager_fit"]["source"] == "interleaved eager rounds"
     assert "mixed_cold_pass" in profile["meta"]
+    # every timed engine step is kept (ms), the eager rounds with one summary row each; the fit's
+    # per-size medians come from the steady rounds' mixed steps
+    rounds = profile["samples"]["eager_rounds"]
+    steps = rounds["steps"]
+    assert set(steps["series"]) == {"mixed", "after_graph", "after_graph_b2b", "after_idle", "after_idle_b2b"}
+    assert len({len(v) for v in steps.values()}) == 1 and set(steps["round"]) == set(range(rounds["rounds"]))
+    assert [r["round"] for r in rounds["per_round"]] == list(range(rounds["rounds"]))
+    assert "load1" in rounds["per_round"][0]["clock_start"]
+    assert profile["samples"]["engine_steps"]["mixed_cold"]["wall_ms"]
+    steady = set(rounds["steady_rounds"]["decoders"])
+    fitted = profile["meta"]["overhead_fit"]["mixed_by_tokens"]["n"]
+    assert sum(fitted) == sum(1 for s, r in zip(steps["series"], steps["round"]) if s == "mixed" and r in steady)
+    assert sum(profile["meta"]["overhead_fit"]["mixed_all_rounds_by_tokens"]["n"]) == steps["series"].count("mixed")
     assert profile["overhead"]["graph_max_batch"] == 0  # no CUDA graphs on the CPU
     # the newer measurements: lone latency line, decode rows in the eager tile, uneven contexts,
     # the paired switch penalties
