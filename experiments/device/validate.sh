@@ -1,0 +1,93 @@
+#!/bin/bash
+# Device run (1 x H200), in ONE call: the random Qwen3-0.6B in /dev/shm, a fresh profile
+# (experiments/profile.py: interleaved eager rounds, every step kept under "samples", clocks
+# per round), then the eight single-GPU validation cases right after it on the same GPU.
+# GPU clocks (nvidia-smi, 1 s) and CPU MHz / load (1 s) are logged over the whole call, so a
+# slow period in the profile or in a run can be told apart from model error.
+# Estimated: model ~20 s, profile ~60 s (49 s before the rounds + ~4 s, + imports), real ~180 s
+# (162.5 s in session 3), tar ~2 s => ~4.5-5 min; each part has its own limit, all end by ~570 s.
+# Back under $OUT (5 files, well under the tool's 8): summary.log (all this prints), profile.log,
+# real.log, the profile JSON, and validate.tar.gz (run dirs, profile, all logs, monitors).
+# Run: bash experiments/device/validate.sh   (carry .valtraces; optional NAME=<profile stem>)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+cd "$(dirname "$0")/../.."
+export SERVELAB_TRACES=$PWD/.valtraces
+NAME=${NAME:-qwen3_0_6b_h200_v2_rounds}
+MODEL=/dev/shm/q06
+W=$(mktemp -d /tmp/val.XXXX)
+PROFILE=$W/$NAME.json
+BUDGET=570
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+done_part() { echo "== $1: rc $2 at $(elapsed) s"; }
+
+cpu_monitor() {
+  echo "t_s,load1,cpu_mhz_mean,cpu_mhz_min,cpu_mhz_max"
+  while :; do
+    awk -v t="$(elapsed)" 'FILENAME == "/proc/loadavg" && FNR == 1 {l = $1}
+      /^cpu MHz/ {s += $4; n++; if (min == "" || $4 < min) min = $4; if ($4 > max) max = $4}
+      END {printf "%d,%s,%.0f,%.0f,%.0f\n", t, l, n ? s / n : 0, min, max}' /proc/loadavg /proc/cpuinfo
+    sleep 1
+  done
+}
+
+main() {
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo none)"
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu,clocks_throttle_reasons.active \
+  --format=csv -lms 1000 > "$W/gpu_monitor.csv" 2>&1 &
+GPU_MON=$!
+cpu_monitor > "$W/cpu_monitor.csv" 2>&1 &
+CPU_MON=$!
+trap 'kill $GPU_MON $CPU_MON 2>/dev/null' EXIT
+
+timeout 120 python3 -m executor.make_random_model --shape Qwen3-0.6B --dtype bfloat16 --out $MODEL > "$W/model.log" 2>&1
+done_part model $?
+
+timeout 150 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$PROFILE" \
+  --num-gpu-blocks 32768 > "$W/profile.log" 2>&1
+done_part profile $?
+cp "$W/profile.log" "$OUT/"
+cp "$PROFILE" "$OUT/" 2>/dev/null
+grep -E "^  round|switch penalties|mixed eager steps:|graph decode|profile done" "$W/profile.log" | cut -c1-300
+
+left=$(( BUDGET - $(elapsed) ))
+if (( left > 60 )); then
+  timeout $(( left < 280 ? left : 280 )) python3 -m experiments.validate real --case all --model-dir $MODEL \
+    --model-name Qwen3-0.6B --out "$W/runs" --num-gpu-blocks 32768 --max-duration 45 > "$W/real.log" 2>&1
+  done_part real $?
+else
+  echo "== skipped the real phase: ${left} s left" | tee "$W/real.log"
+fi
+cp "$W/real.log" "$OUT/"
+
+kill $GPU_MON $CPU_MON 2>/dev/null
+tar czf "$OUT/validate.tar.gz" -C "$W" .
+done_part "tar ($(du -h "$OUT/validate.tar.gz" | cut -f1), $(ls -d "$W"/runs/*/ 2>/dev/null | wc -l) run dirs)" $?
+
+echo "== summary"
+tail -10 "$W/real.log"
+python3 - "$PROFILE" <<'EOF'
+import json, sys
+try:
+    p = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as e:
+    sys.exit(f"no profile: {e}")
+o, m, r = p["overhead"], p["meta"], p["samples"]["eager_rounds"]
+ms = lambda xs: [round(x * 1e3, 2) for x in xs]
+fit = m["overhead_fit"]
+print(f"profile {m['profile_seconds']} s: graph_s {o['graph_s'] * 1e3:.3f} ms + {o['cpu_per_request_s'] * 1e6:.2f} us/req, "
+      f"eager_s {o['eager_s'] * 1e3:.2f} ms, switch after graph {o['eager_after_graph_s'] * 1e3:.2f} / "
+      f"idle {o['eager_after_idle_s'] * 1e3:.2f} ms")
+print("eager floor ms", ms(p["eager_floor"]["seconds"]), "at tokens", [int(t) for t in p["eager_floor"]["num_tokens"]])
+print("mixed wall ms, steady rounds", ms(fit["mixed_by_tokens"]["median_wall_s"]),
+      "| all rounds", ms(fit["mixed_all_rounds_by_tokens"]["median_wall_s"]),
+      "| cold pass", ms(m["mixed_cold_pass"]["median_wall_s"]))
+print("steady rounds", r["steady_rounds"], "of", r["rounds"], "| drift decoders",
+      [row["drift"]["decoders"] for row in r["per_round"]], "| clocks", r["clock_sources"])
+EOF
+echo "== total $(elapsed) s"
+}
+
+main 2>&1 | tee "$OUT/summary.log"
