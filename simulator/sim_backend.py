@@ -57,16 +57,3 @@ class SimBackend:
             breakdown = dict(breakdown)
             breakdown["swap"] = breakdown.get("swap", 0.0) + swap
         return StepResult(sampled, duration, breakdown)
-
-    def decode_tokens(self, running: list[Request], k: int) -> list[list[int]]:
-        """The tokens ``running`` would sample over ``k`` decode steps (for fast-forward)."""
-        out = []
-        for r in running:
-            forced = r.forced_output_token_ids
-            if forced:
-                n = len(r.output_token_ids)
-                toks = forced[n:n + k]
-                out.append(toks + [SIM_TOKEN_ID] * (k - len(toks)))
-            else:
-                out.append([SIM_TOKEN_ID] * k)
-        return out

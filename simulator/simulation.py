@@ -6,7 +6,9 @@ nothing can change it (``EngineCore.decode_horizon``), the replica sleeps once o
 steps instead ("fast-forward"). The k steps are applied lazily: an arrival that lands
 in the middle first syncs the replica (applies the steps that started before it) and
 interrupts its sleep, so results equal step-by-step simulation exactly, whatever the
-arrival process (open loop, trace, closed loop with think times).
+arrival process (open loop, trace, closed loop with think times). With fast-forward on, each
+engine runs ``core.lazy_decode.LazyDecodeScheduler``, so steps cost O(what changes), not
+O(batch); with it off, the plain ``Scheduler``, one event per step: the reference.
 
 Arrivals are scheduled with URGENT priority, so a request that arrives at time t is
 visible to a step that starts at t, in both modes.
@@ -23,7 +25,6 @@ import simpy
 from simpy.core import URGENT
 
 from core.engine import EngineCore
-from core.lazy_decode import LazyDecodeScheduler
 from core.request import Request
 from core.router import make_router
 from core.stats import StepStats
@@ -77,11 +78,9 @@ class Replica:
 
     def _apply(self, start: float, durations: list[float]) -> None:
         eng = self.engine
-        k = len(durations)
-        lazy = isinstance(eng.scheduler, LazyDecodeScheduler)
-        tokens = None if lazy else self.backend.decode_tokens(eng.scheduler.running, k)
-        breakdown = self._decode_breakdown(k, sum(durations))
-        finished = eng.apply_decode_steps(start, durations, tokens, breakdown)
+        breakdown = self._decode_breakdown(len(durations), sum(durations))
+        # The engine's LazyDecodeScheduler knows the decode tokens (forced ids, else SIM_TOKEN_ID).
+        finished = eng.apply_decode_steps(start, durations, None, breakdown)
         self.sim._on_finished(finished)
 
     def _decode_breakdown(self, k: int, total: float) -> dict[str, float]:
@@ -107,14 +106,7 @@ class Replica:
                 continue
             k = eng.decode_horizon() if ff else 0
             if k >= 2:
-                sched = eng.scheduler
-                if isinstance(sched, LazyDecodeScheduler):
-                    batch, ctx, longest = sched.decode_shape()
-                else:
-                    computed = [r.num_computed_tokens for r in sched.running]
-                    batch = len(computed)
-                    ctx = sum(computed) + batch
-                    longest = max(computed) + 1
+                batch, ctx, longest = eng.scheduler.decode_shape()
                 self._ff_shape = (batch, ctx, longest)
                 durations = cost.decode_step_times(batch, ctx, k, longest).tolist()
                 ends = []
@@ -159,7 +151,7 @@ class Simulation:
             raise ValueError(f"Simulation.think_time must be finite and >= 0, got {think_time!r}")
         self.env = simpy.Environment()
         self.fast_forward = fast_forward
-        if fast_forward:  # the fast path: steady decoders cost nothing per step (core/lazy_decode.py)
+        if fast_forward:  # steady decoders cost nothing per step, and fast-forward reads their shape in O(1)
             for e in engines:
                 e.use_lazy_decode(SIM_TOKEN_ID)
         self.num_events = 0
