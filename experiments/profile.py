@@ -374,6 +374,19 @@ class OpProfiler:
 
 
 # --- real engine steps --------------------------------------------------------------------
+
+def _timed_step(engine: Any, t0: float, prev: tuple[Any, float, float] | None,
+                records: list[tuple[Any, float, float]]) -> tuple[Any, float, float] | None:
+    """Run one engine step at wall time since ``t0``; record the previous step's wall time as
+    (its output, start to this step's start, its measured duration). Returns this step's
+    pending record (None for an empty step)."""
+    now = time.perf_counter()
+    if prev is not None:
+        records.append((prev[0], now - prev[1], prev[2]))
+    out = engine.step(now - t0)
+    so = out.scheduler_output
+    return None if so is None or so.is_empty else (so, now, out.duration)
+
 def _engine_steps(backend: Any, sched_kwargs: dict[str, Any], prompts: list[int], max_tokens: int,
                   vocab: int, rng: np.random.Generator, repeats: int = 1) -> list[tuple[Any, float, float]]:
     """Run requests through a fresh EngineCore; returns (scheduler output, wall seconds to
@@ -396,12 +409,7 @@ def _engine_steps(backend: Any, sched_kwargs: dict[str, Any], prompts: list[int]
         t0 = time.perf_counter()
         prev: tuple[Any, float, float] | None = None
         while engine.has_unfinished():
-            t = time.perf_counter()
-            if prev is not None:
-                records.append((prev[0], t - prev[1], prev[2]))
-            out = engine.step(t - t0)
-            so = out.scheduler_output
-            prev = None if so is None or so.is_empty else (so, t, out.duration)
+            prev = _timed_step(engine, t0, prev, records)
     return records
 
 
@@ -449,12 +457,7 @@ def _mixed_steps(backend: Any, base: dict[str, Any], num_decodes: int, prefills:
             engine.add_request(Request(f"m{k}", rng.integers(3, vocab, size=t).tolist(),
                                        SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0))
             k += 1
-            now = time.perf_counter()
-            if prev is not None:
-                records.append((prev[0], now - prev[1], prev[2]))
-            out = engine.step(now - t0)
-            so = out.scheduler_output
-            prev = None if so is None or so.is_empty else (so, now, out.duration)
+            prev = _timed_step(engine, t0, prev, records)
     now = time.perf_counter()
     if prev is not None:
         records.append((prev[0], now - prev[1], prev[2]))

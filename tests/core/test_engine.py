@@ -179,11 +179,7 @@ def test_fast_forward_matches_step_by_step(policy, batching, mode, blocks, chunk
                                stop_ids=(3,) if tokens == "hashed" else ())
     sc, cc = cfgs(policy, batching, mode, blocks, chunking, budget=budget)
     eos = 5 if tokens == "hashed" else None
-    a = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=False, check=True)
-    b = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True)
-    c = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True, lazy=True)
-    assert_same_run(a, b)
-    assert_same_run(a, c)
+    a, b = _both(specs, sc, cc, _token_fn(tokens, seed), eos=eos)
     assert len(a.requests) >= 30
     assert b.ff_steps > 0 and b.step_calls + b.ff_steps == a.step_calls
     assert b.step_calls + b.ff_calls < a.step_calls
@@ -352,9 +348,5 @@ def test_fast_forward_matches_step_by_step_random_configs(policy, batching, mode
     specs = fk.random_workload(seed, n=25, rate=60.0, prompt_len=(1, 60), max_tokens=(1, 60), vocab=3,
                                stop_ids=(3,) if tokens == "hashed" else ())
     eos = 5 if tokens == "hashed" else None
-    a = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=False, check=True)
-    b = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True)
-    c = fk.run_workload(specs, sc, cc, _token_fn(tokens, seed), eos=eos, fast_forward=True, check=True, lazy=True)
-    assert_same_run(a, b)
-    assert_same_run(a, c)
+    a, b = _both(specs, sc, cc, _token_fn(tokens, seed), eos=eos)
     assert b.step_calls + b.ff_steps == a.step_calls
