@@ -176,7 +176,7 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         rid = request.request_id
-        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        num_full = min(num_tokens, request.num_tokens - request.num_pending_tokens) // self.block_size
         start = self.num_cached_blocks[rid]
         if num_full <= start:
             return

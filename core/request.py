@@ -41,7 +41,7 @@ class Request:
         "first_scheduled_time", "first_token_time", "token_times", "finish_time",
         "num_preemptions", "num_cached_tokens", "num_recomputed_cached_tokens", "block_hashes",
         "expected_output_len", "stop_reason", "client_id", "swap_out_blocks", "cache_salt",
-        "forced_output_token_ids", "replica", "stop_set", "max_num_tokens",
+        "forced_output_token_ids", "replica", "stop_set", "max_num_tokens", "num_pending_tokens",
     )
 
     def __init__(
@@ -96,6 +96,9 @@ class Request:
         # total length (prompt + max_tokens, capped by max_model_len) at which it ends.
         self.stop_set: frozenset[int] | None = None
         self.max_num_tokens = 0
+        # Trailing output tokens appended as placeholders whose ids the device has not returned
+        # yet (async scheduling, ``core.async_engine``); the prefix cache never hashes them.
+        self.num_pending_tokens = 0
 
     # --- derived sizes -------------------------------------------------------------
     @property
