@@ -83,34 +83,50 @@ class EngineCore:
         sched = self.scheduler
         out = sched.schedule()
         if out.is_empty:
-            if sched.has_unfinished():
-                # add_request admits only requests an empty engine can run, so this is a bug, not load.
-                raise RuntimeError(f"replica {self.replica_id}: {len(sched.waiting)} waiting and "
-                                   f"{len(sched.running)} running requests, but nothing could be scheduled")
+            self._check_idle()
             return EngineStepOutput(scheduler_output=out)
-        for rid in out.new_req_ids:
-            req = sched.requests[rid]
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
+        self._stamp_first_scheduled(out, now)
         result = self.backend.execute(out)
-        if len(result.sampled_token_ids) != len(out.req_ids):
-            raise RuntimeError(f"backend returned {len(result.sampled_token_ids)} token lists for "
-                               f"{len(out.req_ids)} scheduled requests")
+        self._check_result(out, result)
         end = now + result.duration
         finished = sched.update_from_output(out, result, end)
         self.finished.extend(finished)
+        self._record(out, result, now)
+        return EngineStepOutput(finished, result.duration, out, result)
+
+    def _check_idle(self) -> None:
+        sched = self.scheduler
+        if sched.has_unfinished():
+            # add_request admits only requests an empty engine can run, so this is a bug, not load.
+            raise RuntimeError(f"replica {self.replica_id}: {len(sched.waiting)} waiting and "
+                               f"{len(sched.running)} running requests, but nothing could be scheduled")
+
+    def _check_result(self, out: SchedulerOutput, result: StepResult) -> None:
+        if len(result.sampled_token_ids) != len(out.req_ids):
+            raise RuntimeError(f"backend returned {len(result.sampled_token_ids)} token lists for "
+                               f"{len(out.req_ids)} scheduled requests")
+
+    def _stamp_first_scheduled(self, out: SchedulerOutput, now: float) -> None:
+        requests = self.scheduler.requests
+        for rid in out.new_req_ids:
+            req = requests[rid]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+
+    def _record(self, out: SchedulerOutput, result: StepResult, now: float) -> None:
+        """Add the step's op breakdown and (when recording) its ``StepStats`` row."""
         if result.breakdown:
             bd = self.breakdown
             for op, t in result.breakdown.items():
                 bd[op] = bd.get(op, 0.0) + t
         if self.record_steps:
+            sched = self.scheduler
             prefill = out.num_prefill_tokens
             self.steps.append(StepStats(
                 out.step_id, now, result.duration, 1, out.num_reqs, prefill,
                 out.total_num_scheduled_tokens - prefill, len(sched.waiting), len(sched.running),
                 len(out.preempted_req_ids), sched.kv.usage(), sum(out.num_cached_tokens.values()),
                 self.replica_id))
-        return EngineStepOutput(finished, result.duration, out, result)
 
     def decode_horizon(self) -> int:
         """Upcoming steps that are guaranteed identical pure-decode steps (0 = none)."""

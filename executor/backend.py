@@ -13,18 +13,20 @@ or in one call: ``engine = create_engine(model_dir, sched_cfg)``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.config import CacheConfig, SchedulerConfig
+from core.async_engine import AsyncEngineCore
 from core.engine import EngineCore
 from core.request import Request
 from core.scheduler_output import SchedulerOutput, StepResult
 from executor import memory
 from executor.loader import LoadedModel, load_model
-from executor.model_runner import ModelRunner
+from executor.model_runner import ModelRunner, PendingStep
 
 #: Host swap space (GiB) used when swap preemption is on and no size is given (vLLM's default).
 DEFAULT_SWAP_SPACE_GB = 4.0
@@ -115,6 +117,10 @@ class RealBackend:
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         return self.runner.execute(scheduler_output)
 
+    def launch(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        """Queue the step on the device; ``.result()`` waits for it (``core.async_engine``)."""
+        return self.runner.launch(scheduler_output)
+
     def describe(self) -> dict[str, Any]:
         from executor.model_runner import kv_cache_summary
 
@@ -137,24 +143,34 @@ def _host_blocks(num_cpu_blocks: int | None, swap_space: float | None, sched: Sc
 
 def create_engine(model: str | Path | LoadedModel, scheduler_config: SchedulerConfig | None = None,
                   record_steps: bool = True, tensor_parallel_size: int | None = None,
+                  async_scheduling: bool = False, clock: Callable[[], float] | None = None,
                   **backend_kwargs: Any) -> EngineCore:
     """A core ``EngineCore`` driving a ``RealBackend`` (already bound to its request table).
 
     ``tensor_parallel_size``: shard the model over that many processes (this one is rank 0;
     start them with ``python -m executor.parallel.launch --tp N -- ...`` or torchrun). None:
     the launcher's group when there is one, else a single process. The backend is then an
-    ``executor.parallel.worker.TPDriverBackend``."""
+    ``executor.parallel.worker.TPDriverBackend``. ``async_scheduling``: an
+    ``AsyncEngineCore``, which schedules each step while the device runs the previous one
+    (single process only); ``clock`` then stamps tokens when they reach the host."""
     sched = scheduler_config or SchedulerConfig()
     from executor.parallel.state import resolve_tp_group
 
     tp = resolve_tp_group(tensor_parallel_size)
     if tp is not None:
+        if async_scheduling:
+            raise ValueError("async_scheduling is not supported with tensor parallelism")
         from executor.parallel.worker import make_tp_backend
 
         backend = make_tp_backend(model, sched, tp, **backend_kwargs)
     else:
         backend = RealBackend.from_pretrained(model, scheduler_config=sched, **backend_kwargs)
-    engine = EngineCore(sched, backend.cache_config, backend, eos_token_id=backend.eos_token_id,
-                        record_steps=record_steps)
+    if async_scheduling:
+        engine: EngineCore = AsyncEngineCore(sched, backend.cache_config, backend,
+                                             eos_token_id=backend.eos_token_id, record_steps=record_steps,
+                                             clock=clock)
+    else:
+        engine = EngineCore(sched, backend.cache_config, backend, eos_token_id=backend.eos_token_id,
+                            record_steps=record_steps)
     backend.bind(engine.scheduler.requests)
     return engine

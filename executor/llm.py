@@ -11,6 +11,7 @@ the ``LLM`` was built as the step's ``now``; a ``RealBackend`` runs each step on
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from core.config import SchedulerConfig
+from core.async_engine import AsyncEngineCore
 from core.engine import EngineCore
 from core.request import Request, RequestStatus
 from core.sampling_params import SamplingParams
@@ -81,6 +83,8 @@ class LLM:
     ``long_prefill_token_threshold``, ``watermark``) go to the core's ``SchedulerConfig``.
     ``swap_space`` (GiB) or ``num_cpu_blocks`` size the host pool for swap preemption;
     ``tokenizer`` overrides the directory's; other keywords go to ``ModelRunner``.
+    ``async_scheduling`` (default: on, except under tensor parallelism) schedules each step
+    while the device runs the previous one (``core.async_engine``); outputs are identical.
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype | None = None,
@@ -93,7 +97,7 @@ class LLM:
                  watermark: float = 0.01, swap_space: float | None = None, num_cpu_blocks: int | None = None,
                  cuda_graph_sizes: list[int] | None = None, seed: int | None = 0,
                  tokenizer: Any | None = None, tensor_parallel_size: int | None = None,
-                 **runner_options: Any) -> None:
+                 async_scheduling: bool | None = None, **runner_options: Any) -> None:
         self.device = resolve_device(device)
         config = load_config(model, dtype)  # fails early, naming the path, if it is not a model
         if max_model_len is None:
@@ -133,8 +137,17 @@ class LLM:
                 f"max_model_len={max_model_len} is larger than the {cache.num_gpu_blocks * cache.block_size} "
                 f"tokens the KV cache can hold ({cache.num_gpu_blocks} blocks of {cache.block_size}); raise "
                 f"gpu_memory_utilization or num_gpu_blocks, or lower max_model_len")
-        self.engine = EngineCore(self.scheduler_config, cache, self.backend,
-                                 eos_token_id=self.backend.eos_token_id)
+        if async_scheduling is None:
+            async_scheduling = tp is None
+        elif async_scheduling and tp is not None:
+            raise ValueError("async_scheduling is not supported with tensor parallelism")
+        self.async_scheduling = async_scheduling
+        if async_scheduling:
+            self.engine: EngineCore = AsyncEngineCore(self.scheduler_config, cache, self.backend,
+                                                      eos_token_id=self.backend.eos_token_id, clock=self.clock)
+        else:
+            self.engine = EngineCore(self.scheduler_config, cache, self.backend,
+                                     eos_token_id=self.backend.eos_token_id)
         self.backend.bind(self.engine.scheduler.requests)
         self.runner = self.backend.runner
         self._t0 = time.perf_counter()
@@ -219,6 +232,9 @@ class LLM:
                 requests.append(req)
             self._run(requests, use_tqdm)
         except BaseException:
+            if isinstance(engine, AsyncEngineCore):
+                with contextlib.suppress(Exception):
+                    engine.drain()
             now = self.clock()
             for req in requests:  # leave the engine clean for the next call
                 if not req.is_finished:
@@ -238,7 +254,7 @@ class LLM:
         try:
             while engine.has_unfinished():
                 step = engine.step(self.clock())
-                if pbar is not None:
+                if pbar is not None and step.result is not None:
                     out_tokens += sum(len(t) for t in step.result.sampled_token_ids)
                     if step.finished:
                         pbar.update(len(step.finished))

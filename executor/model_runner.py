@@ -3,7 +3,9 @@
 Per step: copy swapped blocks, build the flattened batch (token ids, positions, KV slots,
 attention metadata) on the host, copy it to the device once, run the forward (a CUDA-graph
 replay for pure-decode batches, eager otherwise), compute logits only for the rows that
-sample, sample, and return the tokens with the measured duration.
+sample, sample, and return the tokens with the measured duration. ``launch`` queues all of
+that and returns at once (``PendingStep``), so an async engine (``core.async_engine``) can
+schedule the next step while the device works; ``execute`` waits for the tokens.
 
 Host preparation is on the critical path of every step, so it avoids per-request tensor
 work: block tables live in a persistent numpy array with one row per running request
@@ -195,8 +197,12 @@ class ModelRunner:
                                                   pin_memory=self.is_cuda) if self.num_cpu_blocks else None)
 
         self.graphs = CudaGraphSet()
-        if self.is_cuda:
-            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        if self.is_cuda:  # start, inputs copied, tokens copied back: one set per step in flight
+            self._events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(2)]
+        # The last launched step's sampled tokens (device) and each sampling request's index
+        # in them: the ids of the next step's PLACEHOLDER tokens.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_index: dict[str, int] = {}
         if self.use_graphs:
             self._capture_graphs()
         if self.is_cuda:
@@ -211,13 +217,25 @@ class ModelRunner:
     def _alloc_staging(self, max_tokens: int, max_reqs: int) -> None:
         """One int32 staging buffer (pinned on CUDA) and its device twin, big enough for the
         largest eager step and for every graph's fixed layout."""
-        n = 3 * max_tokens + 2 * max_reqs + 1 + max_reqs * self.max_blocks_per_seq + 4 * max_reqs + 16 * 10
+        n = 3 * max_tokens + 2 * max_reqs + 1 + max_reqs * self.max_blocks_per_seq + 6 * max_reqs + 16 * 12
         self.staging_capacity = n
-        self.host_buf = torch.zeros(n, dtype=torch.int32, pin_memory=self.is_cuda)
-        self.host_np = self.host_buf.numpy()
-        self.host_np_f32 = self.host_np.view(np.float32)
+        # Two host buffers on CUDA, used in turn: with a step in flight (``launch``), the
+        # previous step's copy may still be queued behind the device's work when the next
+        # step is prepared. (On the CPU every step completes inside ``launch``.)
+        self._host_bufs = [torch.zeros(n, dtype=torch.int32, pin_memory=self.is_cuda)
+                           for _ in range(2 if self.is_cuda else 1)]
+        self._use_host_buf(0)
         self.dev_buf = torch.zeros(n, dtype=torch.int32, device=self.device) if self.is_cuda else self.host_buf
         self.dev_buf_f32 = self.dev_buf.view(torch.float32)
+        # Sampled tokens come back through pinned buffers, one per step in flight.
+        self._token_bufs = ([torch.zeros(max_reqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+                            if self.is_cuda else [])
+        self._launches = 0
+
+    def _use_host_buf(self, index: int) -> None:
+        self.host_buf = self._host_bufs[index]
+        self.host_np = self.host_buf.numpy()
+        self.host_np_f32 = self.host_np.view(np.float32)
 
     def _init_rows(self, n: int) -> None:
         """Persistent per-request rows: block table, sampling parameters."""
@@ -392,6 +410,12 @@ class ModelRunner:
         o_topp = o_topk + _align(num_sample)
         return o_pos, o_slot, o_qsl, o_seq, o_bt, o_lidx, o_temp, o_topk, o_topp, o_topp + num_sample
 
+    @staticmethod
+    def _placeholder_offset(layout_end: int) -> int:
+        """Where a step's placeholder region starts (positions, then source indices):
+        after its other regions."""
+        return _align(layout_end)
+
     def _graph_inputs(self, size: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
         o_pos, o_slot, o_qsl, o_seq, o_bt, *_ = self._layout(size, size, self.max_blocks_per_seq, 0)
         d = self.dev_buf
@@ -463,24 +487,36 @@ class ModelRunner:
     # --- one step ---------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Run one scheduled step; returns the sampled tokens and the measured duration."""
+        return self.launch(out).result()
+
+    def launch(self, out: SchedulerOutput) -> PendingStep:
+        """Queue one step on the device and return without waiting for it.
+
+        A ``PLACEHOLDER`` as a request's last new token (async scheduling) stands for the
+        token that request sampled in the previously launched step; it is taken from the
+        device. ``result()`` of the returned object waits for the step's tokens.
+        """
         previous = set_kernel_ops(self.ops)
         try:
             with torch.inference_mode():
-                return self._execute(out)
+                return self._launch(out)
         finally:
             set_kernel_ops(previous)
 
-    def _execute(self, out: SchedulerOutput) -> StepResult:
+    def _launch(self, out: SchedulerOutput) -> PendingStep:
         is_cuda = self.is_cuda
         t_start = time.perf_counter()
+        slot = self._launches & 1
+        self._launches += 1
         if is_cuda:
-            ev_start, ev_prep, ev_end = self._events
+            self._use_host_buf(slot)
+            ev_start, ev_prep, ev_end = self._events[slot]
             ev_start.record()
         if out.blocks_to_swap_out or out.blocks_to_swap_in:
             self._swap(out)
         num_reqs = len(out.req_ids)
         if num_reqs == 0:
-            return StepResult([], time.perf_counter() - t_start)
+            return PendingStep.ready(StepResult([], time.perf_counter() - t_start))
 
         # ---- host preparation ----
         rows = self._rows_for(out)
@@ -495,7 +531,7 @@ class ModelRunner:
             positions = computed
             seq_lens = computed + 1
             token_rows = rows
-            ids = [t[0] for t in out.new_token_ids]
+            ids = np.array([t[0] for t in out.new_token_ids], dtype=np.int64)
             max_query_len = 1
         else:
             num_new = np.array(out.num_new_tokens, dtype=np.int64)
@@ -508,6 +544,7 @@ class ModelRunner:
             max_query_len = int(num_new.max())
         slots = self.bt_rows[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         max_seq_len = int(seq_lens.max())
+        placeholders = np.flatnonzero(ids < 0)
 
         samples = out.samples
         all_sample = all(samples)
@@ -528,7 +565,7 @@ class ModelRunner:
             padded = num_reqs
             width = _align(-(-max_seq_len // bs))
             t_pad, r_pad = num_tokens, num_reqs
-        o_pos, o_slot, o_qsl, o_seq, o_bt, o_lidx, o_temp, o_topk, o_topp, _ = self._layout(
+        o_pos, o_slot, o_qsl, o_seq, o_bt, o_lidx, o_temp, o_topk, o_topp, o_end = self._layout(
             t_pad, r_pad, width, num_sample)
         h = self.host_np
         h[:num_tokens] = ids
@@ -552,12 +589,22 @@ class ModelRunner:
             h[o_slot + num_reqs:o_slot + padded] = -1
             h[o_seq + num_reqs:o_seq + padded] = 1
             bt_view[num_reqs:] = 0
+        num_ph = len(placeholders)
+        o_ph = self._placeholder_offset(o_end)
+        if num_ph:
+            self._stage_placeholders(out, placeholders, None if decode else req_of_token, h, o_ph)
 
         # ---- forward: copy the forward's inputs, launch, and prepare the rest meanwhile ----
         d = self.dev_buf
         if is_cuda:
             d[:o_lidx].copy_(self.host_buf[:o_lidx], non_blocking=True)
+            if num_ph:
+                d[o_ph:o_ph + 2 * num_ph].copy_(self.host_buf[o_ph:o_ph + 2 * num_ph], non_blocking=True)
             ev_prep.record()
+        if num_ph:  # the ids that were PLACEHOLDERs: the previous step's samples, on the device
+            where = d[o_ph:o_ph + num_ph].long()
+            src = d[o_ph + num_ph:o_ph + 2 * num_ph].long()
+            d[where] = self._last_tokens.index_select(0, src).to(d.dtype)
         t_prep = time.perf_counter()
         if graph is not None:
             hidden = graph.replay()
@@ -631,14 +678,22 @@ class ModelRunner:
             if not self.is_driver:  # a tensor-parallel worker: rank 0 samples
                 self.stats.steps += 1
                 self.stats.tokens += num_tokens
-                return StepResult([[] for _ in range(num_reqs)], time.perf_counter() - t_start)
+                return PendingStep.ready(StepResult([[] for _ in range(num_reqs)], time.perf_counter() - t_start))
         else:
             logits = self.model.compute_logits(hidden)
         tokens = sample(logits, batch)
+        self._last_tokens = tokens
+        req_ids = out.req_ids
+        self._last_index = ({rid: i for i, rid in enumerate(req_ids)} if sample_idx is None else
+                            {req_ids[j]: i for i, j in enumerate(sample_idx.tolist())})
         if is_cuda:
+            host_tokens = self._token_bufs[slot][:num_sample]
+            host_tokens.copy_(tokens, non_blocking=True)
             ev_end.record()
+        else:
+            host_tokens = tokens
 
-        # Bookkeeping while the GPU finishes.
+        # Bookkeeping while the GPU works.
         st = self.stats
         st.steps += 1
         st.tokens += num_tokens
@@ -649,25 +704,25 @@ class ModelRunner:
             st.step_context_tokens.append(ctx)
         if num_reqs > st.max_batch:
             st.max_batch = num_reqs
-
-        token_list = tokens.tolist()  # the step's one device sync
-        if is_cuda:
-            duration = ev_start.elapsed_time(ev_end) / 1e3
-        else:
-            duration = time.perf_counter() - t_start
-        if sample_idx is None:
-            sampled = [[t] for t in token_list]
-        else:
-            sampled = [[] for _ in range(num_reqs)]
-            for i, t in zip(sample_idx.tolist(), token_list):
-                sampled[i] = [t]
         st.prepare_seconds += t_prep - t_start
-        st.execute_seconds += duration
-        breakdown = None
-        if is_cuda:
-            prep = ev_start.elapsed_time(ev_prep) / 1e3
-            breakdown = {"prepare": prep, "device": duration - prep}
-        return StepResult(sampled, duration, breakdown)
+        return PendingStep(self, host_tokens, sample_idx, num_reqs, t_start, slot)
+
+    def _stage_placeholders(self, out: SchedulerOutput, positions: np.ndarray, req_of_token: Any,
+                            h: np.ndarray, offset: int) -> None:
+        """Write the placeholder token positions and, after them, each one's index in the
+        previous step's samples (``req_of_token`` is None for a pure-decode step)."""
+        index = self._last_index
+        req_ids = out.req_ids
+        reqs = (positions if req_of_token is None else req_of_token[positions]).tolist()
+        try:
+            src = [index[req_ids[i]] for i in reqs]
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]!r} has a placeholder token but sampled nothing in the "
+                               "previously launched step") from None
+        n = len(src)
+        h[offset:offset + n] = positions
+        h[offset + n:offset + 2 * n] = src
+
 
     # --- swap -------------------------------------------------------------------------
     def _swap(self, out: SchedulerOutput) -> None:
@@ -692,6 +747,8 @@ class ModelRunner:
         for rid in list(self.row_of):
             self._release(rid, finished=True)
         self.generators.clear()
+        self._last_tokens = None
+        self._last_index = {}
 
 
 def kv_cache_summary(runner: ModelRunner) -> dict[str, Any]:
@@ -709,3 +766,52 @@ def kv_cache_summary(runner: ModelRunner) -> dict[str, Any]:
         "memory_profile": runner.memory_profile.describe() if runner.memory_profile else None,
     }
 
+
+class PendingStep:
+    """A launched step; ``result()`` waits for its tokens (once) and returns the StepResult."""
+
+    __slots__ = ("runner", "tokens", "sample_idx", "num_reqs", "t_start", "slot", "_result")
+
+    def __init__(self, runner: ModelRunner | None, tokens: Any, sample_idx: Any, num_reqs: int,
+                 t_start: float, slot: int) -> None:
+        self.runner = runner
+        self.tokens = tokens  # pinned host tensor (CUDA) or the CPU tensor itself
+        self.sample_idx = sample_idx  # indices of the sampling requests; None: all of them
+        self.num_reqs = num_reqs
+        self.t_start = t_start
+        self.slot = slot
+        self._result: StepResult | None = None
+
+    @classmethod
+    def ready(cls, result: StepResult) -> PendingStep:
+        """A step that completed inside ``launch`` (nothing to wait for)."""
+        step = cls(None, None, None, 0, 0.0, 0)
+        step._result = result
+        return step
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            self._result = self._collect()
+        return self._result
+
+    def _collect(self) -> StepResult:
+        runner = self.runner
+        assert runner is not None
+        breakdown = None
+        if runner.is_cuda:
+            ev_start, ev_prep, ev_end = runner._events[self.slot]
+            ev_end.synchronize()  # this step only: a step launched after it may still run
+            duration = ev_start.elapsed_time(ev_end) / 1e3
+            prep = ev_start.elapsed_time(ev_prep) / 1e3
+            breakdown = {"prepare": prep, "device": duration - prep}
+        else:
+            duration = time.perf_counter() - self.t_start
+        token_list = self.tokens.tolist()
+        if self.sample_idx is None:
+            sampled = [[t] for t in token_list]
+        else:
+            sampled = [[] for _ in range(self.num_reqs)]
+            for i, t in zip(self.sample_idx.tolist(), token_list):
+                sampled[i] = [t]
+        runner.stats.execute_seconds += duration
+        return StepResult(sampled, duration, breakdown)

@@ -1,7 +1,7 @@
 """Offline throughput benchmarks on servelab's executor (core engine + RealBackend).
 
 Usage: python -m experiments.bench_offline [--workload nano-vllm|llama8b-1k] [--model-dir DIR]
-       [--enforce-eager] [--profile] [--out JSON]
+       [--enforce-eager] [--no-async-scheduling] [--profile] [--out JSON]
 
 Workloads (random-weight bf16 models, written to ``--model-dir`` if missing; everything is
 submitted at once to one timed ``generate`` after a tiny warm-up generate; CUDA graphs on):
@@ -40,7 +40,9 @@ bytes / BANDWIDTH, all FLOPs / PEAK_FLOPS), the bound if every prefill's compute
 under other steps' memory traffic (a schedule that mixes them perfectly, not the one run).
 
 It also splits the wall time into device time (CUDA events inside each step), host
-preparation inside the step, and engine overhead outside it (schedule + update).
+preparation inside the step, and engine overhead outside it (schedule + update). The LLM's
+default async scheduling overlaps the host's share with the previous step's device time;
+``--no-async-scheduling`` runs the synchronous engine for comparison.
 Runs without simpy / hydra (only core, executor, torch).
 """
 from __future__ import annotations
@@ -135,7 +137,8 @@ class StepWork:
 class StepRecorder:
     """Stands in for the engine's backend during the timed run: keeps each step's
     ``SchedulerOutput`` counts (O(1) a step, so the measured host time does not grow) and
-    calls the real backend. ``EngineCore`` uses nothing of a backend but ``execute``."""
+    calls the real backend. Engines use nothing of a backend but ``execute`` (sync) or
+    ``launch`` (async scheduling)."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
@@ -144,6 +147,10 @@ class StepRecorder:
     def execute(self, out: SchedulerOutput) -> StepResult:
         self._raw[out.step_id] = (out.num_new_tokens, out.num_computed_tokens, out.samples)
         return self.backend.execute(out)
+
+    def launch(self, out: SchedulerOutput) -> Any:
+        self._raw[out.step_id] = (out.num_new_tokens, out.num_computed_tokens, out.samples)
+        return self.backend.launch(out)
 
     def work(self) -> dict[int, StepWork]:
         """Per step id, what the step had to do."""
@@ -234,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-async-scheduling", action="store_true",
+                    help="schedule each step only after the previous one's tokens are back (sync engine)")
     ap.add_argument("--bandwidth", type=float, default=BANDWIDTH)
     ap.add_argument("--peak-flops", type=float, default=PEAK_FLOPS)
     ap.add_argument("--attention-num-splits", type=int, default=None,
@@ -257,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     llm = LLM(path, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              attention_num_splits=args.attention_num_splits)
+              attention_num_splits=args.attention_num_splits, async_scheduling=not args.no_async_scheduling)
     init_s = time.perf_counter() - t
     runner = llm.runner
     print(f"LLM ready in {init_s:.1f} s: {llm.backend.describe()}", flush=True)
@@ -323,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                    "max_model_len": max_model_len, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens,
                    "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
-                   "attention_num_splits": args.attention_num_splits, "temperature": sampling_params[0].temperature},
+                   "attention_num_splits": args.attention_num_splits, "temperature": sampling_params[0].temperature,
+                   "async_scheduling": llm.async_scheduling},
         "kv_cache": llm.backend.describe(),
         "init_seconds": init_s,
         "output_tokens": total_tokens,
@@ -346,7 +356,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "device_seconds": device_s,  # CUDA events: from the input copy to the sampled tokens
             "host_prepare_seconds_events": prepare_ev_s,
             "host_prepare_seconds": prep_s,
-            "outside_execute_seconds": elapsed - exec_s,  # scheduler, update, Python loop
+            # Scheduler, update, Python loop; only meaningful for the sync engine, whose steps
+            # do not overlap (async: host work hides under device time).
+            "outside_execute_seconds": None if llm.async_scheduling else elapsed - exec_s,
+            "device_idle_seconds": elapsed - device_s,
             "device_busy_fraction": device_s / elapsed if elapsed else None,
         },
         "steps": {"total": len(steps), "graph": stats.graph_steps - before["graph"],
@@ -364,9 +377,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
           f"{model.weight_read_bytes / 1e9:.2f} GB weights per step at {args.bandwidth / 1e12:.1f} TB/s, "
           f"{floor['flops'] / 1e15:.2f} PFLOP at {args.peak_flops / 1e12:.0f} TFLOP/s) -> "
           f"{100 * result['fraction_of_floor']:.1f}% of floor ({floor['tok_per_s_at_floor']:,.0f} tok/s at 100%)")
-    print(f"time split: wall {elapsed:.2f} s = steps {exec_s:.2f} s (device {ts['device_seconds']:.2f} s, "
-          f"host prep {prep_s:.3f} s) + outside execute {ts['outside_execute_seconds']:.2f} s; "
-          f"graph steps {result['steps']['graph']}/{len(steps)}")
+    if llm.async_scheduling:
+        print(f"time split (async scheduling): wall {elapsed:.2f} s = device busy {ts['device_seconds']:.2f} s + "
+              f"idle {ts['device_idle_seconds']:.2f} s; host prep {prep_s:.3f} s (overlapped); "
+              f"graph steps {result['steps']['graph']}/{len(steps)}")
+    else:
+        print(f"time split: wall {elapsed:.2f} s = steps {exec_s:.2f} s (device {ts['device_seconds']:.2f} s, "
+              f"host prep {prep_s:.3f} s) + outside execute {ts['outside_execute_seconds']:.2f} s; "
+              f"graph steps {result['steps']['graph']}/{len(steps)}")
     print(f"scheduling: max batch {sc['max_batch']}, {sc['preemptions']} preemptions, "
           f"{sc['recomputed_prefill_tokens']:,} recomputed prefill tokens")
     print(f"first steps (ms): {result['steps']['first_steps_ms']}")

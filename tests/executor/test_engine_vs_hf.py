@@ -161,6 +161,51 @@ def test_engine_core_with_real_backend(models: dict[str, tuple[Path, Any]]) -> N
     assert engine.steps[-1].time + engine.steps[-1].duration == pytest.approx(now)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_cuda_graph_layout_matches_hf_sync_and_async(models: dict[str, tuple[Path, Any]],
+                                                     async_scheduling: bool) -> None:
+    """The graph layout again through ``create_engine``'s sync and async engines: with async
+    scheduling the decode ids are placeholders that the runner fills from the previous
+    step's samples inside the graph's input buffer."""
+    path, hf = models["llama"]
+    sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256)
+    engine = create_engine(path, sched, num_gpu_blocks=96, cuda_graph_sizes=[2, 4, 8], emulate_cuda_graphs=True,
+                           async_scheduling=async_scheduling)
+    prompts = [tokens(n, 500 + n) for n in (7, 21, 33)]
+    lengths = [15, 9, 20]
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        engine.add_request(Request(f"a{i}", p, greedy(n)))
+    now = 0.0
+    while engine.has_unfinished():
+        now += engine.step(now).duration
+    done = {r.request_id: r for r in engine.finished}
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        assert done[f"a{i}"].output_token_ids == hf_greedy(hf, p, n)
+    assert engine.backend.runner.stats.graph_steps > 0
+
+
+def test_async_scheduling_equals_sync_with_stops_and_seeds(models: dict[str, tuple[Path, Any]]) -> None:
+    """Stop tokens (found one step late by the async engine) and per-request seeded
+    sampling with top-k (each request's generator draws once per token it samples): the
+    async LLM returns exactly the sync LLM's tokens and finish reasons."""
+    path, _ = models["qwen3"]
+    prompts = [tokens(n, 700 + n) for n in (5, 18, 40, 23)]
+    sync = make_llm(path, async_scheduling=False)
+    probe = sync.generate(prompts, greedy(12), use_tqdm=False)
+    # Stop each greedy request on its 5th token (stop ids act at their first occurrence).
+    stops = [SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(o.token_ids[4],)) for o in probe]
+    seeded = [SamplingParams(temperature=0.8, top_k=20, seed=11 + i, max_tokens=10 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    params = stops + seeded
+    both = prompts + prompts
+    expected = make_llm(path, async_scheduling=False).generate(both, params, use_tqdm=False)
+    llm = make_llm(path, async_scheduling=True)
+    assert llm.async_scheduling
+    got = llm.generate(both, params, use_tqdm=False)
+    assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in expected]
+    assert all(o.finish_reason == "stop" for o in got[:4])
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_cuda_graph_layout_matches_hf(models: dict[str, tuple[Path, Any]], name: str) -> None:
     """The graph path's fixed layout (batch padded to a capture size, padding rows with slot
