@@ -8,6 +8,8 @@ the LRU order: freed blocks go to the tail, allocation takes from the head.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class KVCacheBlock:
     __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
@@ -95,17 +97,19 @@ class BlockPool:
         queue = self.free_block_queue
         if n > queue.num_free_blocks:
             raise RuntimeError(f"cannot get {n} blocks: only {self.num_free_blocks} free")
-        index = self.cached_block_hash_to_block
+        pop = self.cached_block_hash_to_block.pop
         evicted = 0
         out = []
+        append = out.append
         head = queue._head
         block = head.next
         for _ in range(n):  # FreeBlockQueue.popleft_n and _drop_hash, inlined: admission takes dozens
-            out.append(block)
+            append(block)
             h = block.block_hash
             if h is not None:
-                if index.get(h) is block:
-                    del index[h]
+                owner = pop(h, None)  # one lookup: the block almost always owns its entry
+                if owner is not block and owner is not None:
+                    self.cached_block_hash_to_block[h] = owner  # a duplicate: the entry stays the owner's
                 block.block_hash = None
                 evicted += 1
             block.ref_cnt = 1
@@ -160,7 +164,7 @@ class BlockPool:
                 remove(block)
             block.ref_cnt += 1
 
-    def free_blocks(self, ordered_blocks: list[KVCacheBlock]) -> None:
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference from each block; blocks reaching 0 join the queue tail in order.
 
         Callers pass a request's blocks tail first, so a request's last blocks are evicted
@@ -172,16 +176,19 @@ class BlockPool:
         added = 0
         try:
             for block in ordered_blocks:  # FreeBlockQueue.append, inlined: a finishing request frees dozens
-                if block.ref_cnt <= 0:
-                    raise RuntimeError(f"double free of {block}")
-                if block.ref_cnt == 1 and (block.prev is not None or block.next is not None):
+                ref = block.ref_cnt - 1
+                if ref:  # still shared, or a double free
+                    if ref < 0:
+                        raise RuntimeError(f"double free of {block}")
+                    block.ref_cnt = ref
+                    continue
+                if block.prev is not None:  # queued blocks are always linked (the head is a sentinel)
                     raise RuntimeError(f"{block} is already in the free queue")
-                block.ref_cnt -= 1
-                if block.ref_cnt == 0:
-                    last.next = block
-                    block.prev = last
-                    last = block
-                    added += 1
+                block.ref_cnt = 0
+                last.next = block
+                block.prev = last
+                last = block
+                added += 1
         finally:  # the blocks before a bad one stay freed, the list stays closed
             last.next = tail
             tail.prev = last

@@ -57,12 +57,12 @@ class KVCacheManager:
         if len(hashes) >= num_blocks:
             return hashes
         bs = self.block_size
-        tokens = request.all_token_ids
         parent = hashes[-1] if hashes else None
         salt = request.cache_salt
-        # A comprehension chaining through ``parent``: admission hashes ~70 blocks a prompt.
-        hashes.extend([parent := hash((parent, tuple(tokens[i:i + bs]), salt))
-                       for i in range(len(hashes) * bs, num_blocks * bs, bs)])
+        # A comprehension chaining through ``parent``, over the blocks' token tuples as
+        # ``zip`` of one iterator ``bs`` times cuts them (in C): admission hashes ~85 blocks a prompt.
+        it = iter(request.all_token_ids[len(hashes) * bs:num_blocks * bs])
+        hashes.extend([parent := hash((parent, block, salt)) for block in zip(*[it] * bs)])
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
@@ -203,7 +203,7 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(request.request_id)
         if blocks is None:
             return
-        self.block_pool.free_blocks(blocks[::-1])
+        self.block_pool.free_blocks(reversed(blocks))
         self._drop(request.request_id)
 
     def reset_prefix_cache(self) -> int:
