@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from itertools import filterfalse
 
 from core.config import CacheConfig, SchedulerConfig
 from core.kv_cache_manager import KVCacheManager
@@ -347,7 +348,9 @@ class Scheduler:
         return True
 
     def _finish(self, finished: list[Request]) -> None:
-        self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        # The finished are the only non-running requests left in ``running``; a set filter
+        # in C keeps this O(batch) at C speed (a step usually finishes one or two requests).
+        self.running = list(filterfalse(set(finished).__contains__, self.running))
         for req in finished:
             self.kv.free(req)
             del self.requests[req.request_id]

@@ -51,13 +51,9 @@ class BatchShape:
     def from_scheduler_output(cls, out: SchedulerOutput) -> BatchShape:
         """From the step's parallel lists plus its lazily advanced decodes (``num_lazy_decodes``);
         sampling rows are exact (``out.samples``)."""
-        shape = cls._build(out.num_new_tokens, out.num_computed_tokens, out.samples.count(True))
         n = out.num_lazy_decodes
-        if not n:
-            return shape
-        return cls(shape.num_reqs + n, shape.num_tokens + n, shape.num_sampling + n, shape.num_decode + n,
-                   shape.decode_context + out.lazy_computed_sum + n, shape.prefill_tokens, shape.prefill_context,
-                   shape.prefill_pairs, max(shape.max_decode_context, out.lazy_computed_max + 1))
+        return cls._build(out.num_new_tokens, out.num_computed_tokens, out.samples.count(True) + n,
+                          n, out.lazy_computed_sum, out.lazy_computed_max)
 
     @classmethod
     def from_lists(cls, num_new_tokens: Sequence[int], context_lens: Sequence[int],
@@ -84,18 +80,24 @@ class BatchShape:
         return cls(batch_size, batch_size, batch_size, batch_size, sum_context, 0, 0, 0, max_context)
 
     @classmethod
-    def _build(cls, new: Sequence[int], computed: Sequence[int], num_sampling: int) -> BatchShape:
+    def _build(cls, new: Sequence[int], computed: Sequence[int], num_sampling: int,
+               num_lazy: int = 0, lazy_computed_sum: int = 0, lazy_computed_max: int = -1) -> BatchShape:
         # Decode requests dominate big batches, so they are summed with C-level list.count
         # and sum(); the Python loop runs only when some request is not decoding, and does
         # arithmetic only for those (few) requests. A simulator step budget is ~10 us.
-        num_reqs = len(new)
+        # ``num_lazy`` more decode requests are given by their count, computed-token sum and
+        # largest computed count (a ``LazyDecodeScheduler``'s parked requests).
+        num_listed = len(new)
         num_decode = new.count(1)
         sum_computed = sum(computed)
-        if num_decode == num_reqs:
-            return cls(num_reqs, num_reqs, num_sampling, num_reqs, sum_computed + num_reqs, 0, 0, 0,
-                       max(computed) + 1 if num_reqs else 0)
+        if num_decode == num_listed:
+            if num_listed and max(computed) > lazy_computed_max:
+                lazy_computed_max = max(computed)
+            num_reqs = num_listed + num_lazy
+            return cls(num_reqs, num_reqs, num_sampling, num_reqs, sum_computed + lazy_computed_sum + num_reqs,
+                       0, 0, 0, lazy_computed_max + 1 if num_reqs else 0)
         p_tokens = p_computed = p_pairs = other_computed = 0
-        max_dec = -1
+        max_dec = lazy_computed_max if num_lazy else -1
         for n, c in zip(new, computed):
             if n != 1:
                 other_computed += c
@@ -105,9 +107,10 @@ class BatchShape:
                     p_pairs += n * c + n * (n + 1) // 2
             elif c > max_dec:
                 max_dec = c
-        return cls(num_reqs, num_decode + p_tokens, num_sampling, num_decode,
-                   sum_computed - other_computed + num_decode, p_tokens, p_computed + p_tokens, p_pairs,
-                   max_dec + 1 if num_decode else 0)
+        num_decode += num_lazy
+        return cls(num_listed + num_lazy, num_decode + p_tokens, num_sampling, num_decode,
+                   sum_computed - other_computed + lazy_computed_sum + num_decode, p_tokens, p_computed + p_tokens,
+                   p_pairs, max_dec + 1 if num_decode else 0)
 
 
 @dataclass(frozen=True, slots=True)
