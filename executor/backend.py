@@ -59,7 +59,8 @@ class RealBackend:
                         num_gpu_blocks: int | None = None, num_cpu_blocks: int | None = None,
                         swap_space: float | None = None, enforce_eager: bool = False,
                         cuda_graph_sizes: list[int] | None = None, enable_prefix_caching: bool = True,
-                        seed: int | None = 0, tp: Any | None = None, **runner_options: Any) -> RealBackend:
+                        seed: int | None = 0, tp: Any | None = None, kv_cache_dtype: str | torch.dtype = "auto",
+                        **runner_options: Any) -> RealBackend:
         """Load ``model`` (a directory, or an already loaded model) and size its KV cache.
 
         The host pool for swap preemption holds ``num_cpu_blocks`` blocks, or ``swap_space``
@@ -67,7 +68,8 @@ class RealBackend:
         'swap'`` (``DEFAULT_SWAP_SPACE_GB``, at most as many blocks as the GPU pool).
         ``runner_options`` go to ``ModelRunner`` (``emulate_cuda_graphs``: run the CUDA-graph
         path's padded layout eagerly on a CPU, a testing aid; ``attention_num_splits``: force
-        the decode graphs' split-K factor). ``tp``: a tensor-parallel group
+        the decode graphs' split-K factor). ``kv_cache_dtype``: "auto" (the model dtype) or
+        "fp8" (float8 e4m3, unit scale: twice the blocks, half the attention bytes). ``tp``: a tensor-parallel group
         (``executor.parallel``): load this rank's shard only; use ``create_engine`` /
         ``LLM`` on rank 0, which also start the other ranks' shards.
         """
@@ -76,7 +78,8 @@ class RealBackend:
             loaded = model
         else:
             loaded = load_model(model, dtype=dtype, device=resolve_device(device), tp=tp)
-        block_bytes = memory.kv_block_bytes(loaded.config, block_size)
+        kv_dtype = memory.resolve_kv_cache_dtype(kv_cache_dtype, loaded.config.dtype)
+        block_bytes = memory.kv_block_bytes(loaded.config, block_size, kv_dtype)
         runner = ModelRunner(loaded, block_size=block_size, max_num_seqs=sched.max_num_seqs,
                              max_num_batched_tokens=sched.max_num_batched_tokens,
                              max_model_len=sched.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
@@ -84,12 +87,12 @@ class RealBackend:
                              num_cpu_blocks=_host_blocks(num_cpu_blocks, swap_space, sched, block_bytes,
                                                          num_gpu_blocks),
                              enforce_eager=enforce_eager, cuda_graph_sizes=cuda_graph_sizes, seed=seed,
-                             **runner_options)
+                             kv_cache_dtype=kv_dtype, **runner_options)
         if sched.preemption_mode == "swap" and runner.num_cpu_blocks == 0:
             runner.num_cpu_blocks = min(memory.num_cpu_blocks_for(DEFAULT_SWAP_SPACE_GB, block_bytes),
                                         runner.num_gpu_blocks)
             runner.host_pool = memory.allocate_kv_pool(loaded.config, runner.num_cpu_blocks, block_size,
-                                                       torch.device("cpu"), pin_memory=runner.is_cuda)
+                                                       torch.device("cpu"), kv_dtype, pin_memory=runner.is_cuda)
         return cls(runner, loaded, enable_prefix_caching)
 
     # --- what the engine needs ------------------------------------------------------------

@@ -122,7 +122,7 @@ class ModelRunner:
                  num_cpu_blocks: int = 0, enforce_eager: bool = False,
                  cuda_graph_sizes: list[int] | None = None, kernel_ops: KernelOps | None = None,
                  seed: int | None = 0, emulate_cuda_graphs: bool = False,
-                 attention_num_splits: int | None = None) -> None:
+                 attention_num_splits: int | None = None, kv_cache_dtype: str | torch.dtype = "auto") -> None:
         self.model = loaded.model
         self.config: ModelConfig = loaded.config
         # Tensor parallelism (``executor.parallel``): every rank runs every step on its shard;
@@ -159,7 +159,8 @@ class ModelRunner:
                                 embed.weight if embed is not None else None)
         self.requests: dict[str, Request] = {}
         self.stats = RunnerStats()
-        self.block_bytes = memory.kv_block_bytes(cfg, block_size)
+        self.kv_dtype = memory.resolve_kv_cache_dtype(kv_cache_dtype, cfg.dtype)
+        self.block_bytes = memory.kv_block_bytes(cfg, block_size, self.kv_dtype)
         self.weight_bytes = memory.weight_bytes(self.model)
         self.memory_profile: memory.MemoryProfile | None = None
 
@@ -191,10 +192,11 @@ class ModelRunner:
                              "max_num_batched_tokens / max_num_seqs, or use a smaller model")
         self.num_gpu_blocks = int(num_gpu_blocks)
         self.num_cpu_blocks = int(num_cpu_blocks)
-        self.kv_pool = memory.allocate_kv_pool(cfg, self.num_gpu_blocks, block_size, self.device)
+        self.kv_pool = memory.allocate_kv_pool(cfg, self.num_gpu_blocks, block_size, self.device, self.kv_dtype)
         self.model.bind_kv_cache(memory.layer_views(self.kv_pool))
         self.host_pool = (memory.allocate_kv_pool(cfg, self.num_cpu_blocks, block_size, torch.device("cpu"),
-                                                  pin_memory=self.is_cuda) if self.num_cpu_blocks else None)
+                                                  self.kv_dtype, pin_memory=self.is_cuda)
+                          if self.num_cpu_blocks else None)
 
         self.graphs = CudaGraphSet()
         if self.is_cuda:  # start, inputs copied, tokens copied back: one set per step in flight
@@ -359,7 +361,7 @@ class ModelRunner:
         (plus logits and top-k/top-p sampling of every request) on a one-block dummy
         cache; its peak sizes the KV pool."""
         cfg = self.config
-        dummy = memory.allocate_kv_pool(cfg, 1, self.block_size, self.device)
+        dummy = memory.allocate_kv_pool(cfg, 1, self.block_size, self.device, self.kv_dtype)
         self.model.bind_kv_cache(memory.layer_views(dummy))
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -757,6 +759,7 @@ def kv_cache_summary(runner: ModelRunner) -> dict[str, Any]:
         "num_gpu_blocks": runner.num_gpu_blocks,
         "num_cpu_blocks": runner.num_cpu_blocks,
         "block_size": runner.block_size,
+        "kv_cache_dtype": str(runner.kv_dtype).removeprefix("torch."),
         "kv_cache_gib": runner.num_gpu_blocks * runner.block_bytes / memory.GiB,
         "kv_tokens": runner.num_gpu_blocks * runner.block_size,
         "max_concurrency_at_max_len": runner.num_gpu_blocks * runner.block_size / runner.max_model_len,

@@ -1,7 +1,7 @@
 """Offline throughput benchmarks on servelab's executor (core engine + RealBackend).
 
 Usage: python -m experiments.bench_offline [--workload nano-vllm|llama8b-1k] [--model-dir DIR]
-       [--enforce-eager] [--no-async-scheduling] [--profile] [--out JSON]
+       [--enforce-eager] [--no-async-scheduling] [--kv-cache-dtype auto|fp8] [--profile] [--out JSON]
 
 Workloads (random-weight bf16 models, written to ``--model-dir`` if missing; everything is
 submitted at once to one timed ``generate`` after a tiny warm-up generate; CUDA graphs on):
@@ -170,9 +170,11 @@ class FloorModel:
     peak_flops: float
 
     @classmethod
-    def for_model(cls, config: Any, weight_bytes: int, bandwidth: float, peak_flops: float) -> FloorModel:
+    def for_model(cls, config: Any, weight_bytes: int, bandwidth: float, peak_flops: float,
+                  kv_dtype: Any = None) -> FloorModel:
         """From the model config and the runner's weight bytes (tied embeddings counted once);
-        the matrix shapes are read off the checkpoint layout, as the loader sees them."""
+        the matrix shapes are read off the checkpoint layout, as the loader sees them.
+        ``kv_dtype``: the KV pool's dtype (None: the model's)."""
         from executor.make_random_model import checkpoint_shapes
         from executor.memory import kv_bytes_per_token
 
@@ -180,7 +182,7 @@ class FloorModel:
                      if ".layers." in name and len(shape) == 2)
         embedding_bytes = config.vocab_size * config.hidden_size * config.dtype.itemsize
         return cls(
-            kv_bytes_per_token=kv_bytes_per_token(config),
+            kv_bytes_per_token=kv_bytes_per_token(config, kv_dtype),
             weight_read_bytes=weight_bytes - (0 if config.tie_word_embeddings else embedding_bytes),
             linear_flops_per_token=2 * linear,
             lm_head_flops_per_row=2 * config.vocab_size * config.hidden_size,
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="fp8: float8 e4m3 KV cache (half the KV bytes; the floor counts them too)")
     ap.add_argument("--no-async-scheduling", action="store_true",
                     help="schedule each step only after the previous one's tokens are back (sync engine)")
     ap.add_argument("--bandwidth", type=float, default=BANDWIDTH)
@@ -266,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     llm = LLM(path, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              attention_num_splits=args.attention_num_splits, async_scheduling=not args.no_async_scheduling)
+              attention_num_splits=args.attention_num_splits, async_scheduling=not args.no_async_scheduling,
+              kv_cache_dtype=args.kv_cache_dtype)
     init_s = time.perf_counter() - t
     runner = llm.runner
     print(f"LLM ready in {init_s:.1f} s: {llm.backend.describe()}", flush=True)
@@ -301,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     steps = engine.steps[first_step:]
     work = recorder.work()
     assert len(work) == len(steps) == stats.steps - before["steps"], (len(work), len(steps))
-    model = FloorModel.for_model(llm.model_config, runner.weight_bytes, args.bandwidth, args.peak_flops)
+    model = FloorModel.for_model(llm.model_config, runner.weight_bytes, args.bandwidth, args.peak_flops,
+                                 kv_dtype=runner.kv_dtype)
     floor = floor_summary(model, [work[s.step_id] for s in steps], total_tokens)
     floor_s = floor["seconds"]
     exec_s = stats.execute_seconds - before["exe"]
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                    "max_num_batched_tokens": args.max_num_batched_tokens,
                    "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
                    "attention_num_splits": args.attention_num_splits, "temperature": sampling_params[0].temperature,
-                   "async_scheduling": llm.async_scheduling},
+                   "async_scheduling": llm.async_scheduling, "kv_cache_dtype": args.kv_cache_dtype},
         "kv_cache": llm.backend.describe(),
         "init_seconds": init_s,
         "output_tokens": total_tokens,

@@ -73,13 +73,14 @@ def _paged_attention_kernel(
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, KV_CONVERT: tl.constexpr,
 ):
     """Online-softmax attention of one query block (all q heads of one kv head) over one
     split of its causal key range. Scores are kept in log2 units (``scale_log2`` folds
     log2(e) into the softmax scale) so the exponentials are ``exp2``. ``UPCAST_DOT`` feeds
     the dots exact fp32 copies of bf16 operands: Triton's CPU interpreter multiplies bf16
-    as raw uint16 bits; on the GPU it is off."""
+    as raw uint16 bits; on the GPU it is off. ``KV_CONVERT``: the cache holds another dtype
+    than q (an fp8 KV cache): K and V tiles are converted to q's dtype as they are loaded."""
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,6 +130,8 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + block[None, :] * stride_k_b + slot[None, :] * stride_k_s
                     + kv_head * stride_k_h + offs_d[:, None],
                     mask=kv_valid[None, :] & d_valid[:, None], other=0.0)
+        if KV_CONVERT:
+            k = k.to(q_ptr.dtype.element_ty)
         if UPCAST_DOT:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
@@ -142,7 +145,9 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + block[:, None] * stride_v_b + slot[:, None] * stride_v_s
                     + kv_head * stride_v_h + offs_d[None, :],
                     mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
-        p_dot = p.to(v_cache_ptr.dtype.element_ty)
+        if KV_CONVERT:
+            v = v.to(q_ptr.dtype.element_ty)
+        p_dot = p.to(q_ptr.dtype.element_ty)
         if UPCAST_DOT:
             p_dot = p_dot.to(tl.float32)
             v = v.to(tl.float32)
@@ -291,7 +296,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
-        UPCAST_DOT=upcast_dot, num_warps=4, num_stages=2,
+        UPCAST_DOT=upcast_dot, KV_CONVERT=k_cache.dtype != q.dtype, num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

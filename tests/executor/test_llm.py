@@ -163,6 +163,34 @@ def test_bad_inputs(llm: LLM, model_dir: Path, tmp_path: Path) -> None:
         LLM(model_dir, max_model_len=256, num_gpu_blocks=8)
 
 
+def test_fp8_kv_cache(model_dir: Path) -> None:
+    """``kv_cache_dtype="fp8"``: a float8 pool (a quarter of fp32's bytes a block; on a GPU
+    the profiled pool then gets four times the blocks). Prefilling the same prompts writes
+    exactly the fp32 run's layer-0 keys and values rounded to fp8 (that layer's K/V depend on
+    the prompt only), deeper layers stay close, and generation runs through the fp8 path."""
+    kw = dict(max_num_seqs=8, max_model_len=256, max_num_batched_tokens=256, async_scheduling=False)
+    exact = LLM(model_dir, **kw)
+    fp8 = LLM(model_dir, kv_cache_dtype="fp8", **kw)
+    assert fp8.runner.kv_pool.dtype == torch.float8_e4m3fn
+    assert fp8.runner.block_bytes * 4 == exact.runner.block_bytes
+    if CUDA:
+        assert fp8.runner.num_gpu_blocks > 3 * exact.runner.num_gpu_blocks
+    assert fp8.backend.describe()["kv_cache_dtype"] == "float8_e4m3fn"
+    prompts = [tokens(n, 40 + n) for n in (6, 30, 57)]
+    for llm in (exact, fp8):  # one token each: only the prompts' K/V are written
+        llm.generate(prompts, greedy(1), use_tqdm=False)
+    want = exact.runner.kv_pool.to(torch.float8_e4m3fn)
+    got = fp8.runner.kv_pool
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert got[0].float().abs().sum() > 0
+    deep = got[-1].float() - exact.runner.kv_pool[-1].float()
+    assert deep.abs().mean() < 0.1 * exact.runner.kv_pool[-1].float().abs().mean()
+    out = fp8.generate(prompts, greedy(12), use_tqdm=False)
+    assert all(len(o.token_ids) == 12 and all(0 <= t < VOCAB for t in o.token_ids) for o in out)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(model_dir, max_model_len=256, kv_cache_dtype="int4")
+
+
 def test_request_larger_than_pool_names_the_knobs(model_dir: Path) -> None:
     small = LLM(model_dir, max_num_seqs=4, max_model_len=256, num_gpu_blocks=20, watermark=0.5,
                 enforce_eager=True)
