@@ -85,13 +85,15 @@ class WorkloadConf:
 class CacheConf:
     """KV cache: ``num_gpu_blocks`` = 0 sizes the pool from memory (weights, utilization);
     ``swap_space_gb`` is host memory per replica for swap preemption
-    (``scheduler.preemption_mode=swap``)."""
+    (``scheduler.preemption_mode=swap``); ``kv_cache_dtype: fp8`` stores K/V in one byte
+    (the executor's float8 cache): twice the blocks, half the attention bytes."""
 
     block_size: int = 16
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks: int = 0
     swap_space_gb: float = 0.0
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass

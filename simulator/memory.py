@@ -6,7 +6,7 @@ simulator cannot run one, so it reserves a fixed default. Both then compute::
 
     blocks = (memory_bytes * gpu_memory_utilization - weights / (tp * pp) - activation_reserve)
              // block_bytes_per_gpu
-    block_bytes_per_gpu = 2 (K, V) * block_size * kv_heads_per_gpu * head_dim * dtype_bytes
+    block_bytes_per_gpu = 2 (K, V) * block_size * kv_heads_per_gpu * head_dim * kv_dtype_bytes
                           * layers_per_stage
 
 Weights are assumed to split evenly over the ``tp * pp`` GPUs (embedding and LM head are
@@ -26,7 +26,7 @@ DEFAULT_ACTIVATION_RESERVE_BYTES = 2 * 2**30
 def kv_block_bytes(model: ModelSpec, tp: int, pp: int, block_size: int) -> int:
     """Bytes one KV block takes on each GPU."""
     parallel = ParallelConfig(tp=tp, pp=pp)
-    return (2 * block_size * parallel.kv_heads_per_gpu(model) * model.head_dim * model.dtype_bytes
+    return (2 * block_size * parallel.kv_heads_per_gpu(model) * model.head_dim * model.kv_dtype_bytes
             * parallel.layers_per_stage(model))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
 _QUANTIZATIONS = (None, "fp8")
+_KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,9 @@ class ModelSpec:
     ``intermediate_size`` is the dense MLP width; an MoE model (``num_experts > 0``) uses
     ``moe_intermediate_size`` per expert in every layer instead. ``gated_mlp`` is True for
     SwiGLU (gate, up, down: 3 matrices), False for a plain 2-matrix MLP (BLOOM).
-    ``dtype_bytes`` is the activation and KV-cache element size; weights take
-    ``weight_bytes_per_param`` (1 with ``quantization="fp8"``).
+    ``dtype_bytes`` is the activation element size; weights take
+    ``weight_bytes_per_param`` (1 with ``quantization="fp8"``), the KV cache
+    ``kv_dtype_bytes`` (1 with ``kv_cache_dtype="fp8"``, the executor's float8 e4m3 cache).
     """
 
     name: str
@@ -47,6 +49,7 @@ class ModelSpec:
     qkv_bias: bool = False
     qk_norm: bool = False
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -65,6 +68,9 @@ class ModelSpec:
         elif self.num_experts_per_tok or self.moe_intermediate_size:
             raise ValueError(f"ModelSpec {self.name}: num_experts_per_tok / moe_intermediate_size set "
                              "without num_experts")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(f"ModelSpec.kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise ValueError(f"ModelSpec.quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
 
@@ -85,9 +91,13 @@ class ModelSpec:
         return 1 if self.quantization == "fp8" else self.dtype_bytes
 
     @property
+    def kv_dtype_bytes(self) -> int:
+        return 1 if self.kv_cache_dtype == "fp8" else self.dtype_bytes
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """K and V of one token over all layers (whole model, unsharded)."""
-        return 2 * self.kv_dim * self.dtype_bytes * self.num_layers
+        return 2 * self.kv_dim * self.kv_dtype_bytes * self.num_layers
 
     @property
     def attention_params_per_layer(self) -> int:

@@ -65,6 +65,7 @@ class SimulationConfig:
     slo: dict[str, float] | None = None
     think_time_s: float = 0.0
     swap_bandwidth: float = 25e9  # host <-> GPU bytes/s for swap preemption (PCIe Gen4 x16, achieved)
+    kv_cache_dtype: str = "auto"  # "fp8": a float8 KV cache (the executor's kv_cache_dtype)
 
 
 @dataclass
@@ -75,12 +76,14 @@ class RunOutput:
     wall_seconds: float
 
 
-def _model(spec: str | ModelSpec) -> ModelSpec:
+def _model(spec: str | ModelSpec, kv_cache_dtype: str = "auto") -> ModelSpec:
     if isinstance(spec, ModelSpec):
-        return spec
-    if str(spec).endswith(".json") or Path(str(spec)).is_dir():
-        return ModelSpec.from_hf_config(spec)
-    return get_model(str(spec))
+        model = spec
+    elif str(spec).endswith(".json") or Path(str(spec)).is_dir():
+        model = ModelSpec.from_hf_config(spec)
+    else:
+        model = get_model(str(spec))
+    return model if kv_cache_dtype == "auto" else dataclasses.replace(model, kv_cache_dtype=kv_cache_dtype)
 
 
 def build_requests(workload: Workload) -> tuple[list[Request], list[list[Request]]]:
@@ -92,7 +95,7 @@ def run_simulation(cfg: SimulationConfig, workload: Workload, out_dir: str | Pat
                    on_progress: Callable[[int], None] | None = None) -> RunOutput:
     """Simulate ``workload`` under ``cfg``; write result files to ``out_dir`` when given."""
     t0 = time.perf_counter()
-    model = _model(cfg.model)
+    model = _model(cfg.model, cfg.kv_cache_dtype)
     hw = get_hardware(cfg.hardware)
     par = cfg.parallel
     blocks = cfg.num_gpu_blocks or num_kv_blocks(model, hw, par.tp, par.pp, cfg.block_size,

@@ -10,7 +10,7 @@ multiplied):
   tokens pick experts uniformly, so a batch of 1 reads ``k`` experts and a large batch all.
 * Attention, split into prefill and decode because one is compute bound and the other
   memory bound: FLOPs ``4 * head_dim * heads`` per causal query-key pair (QK^T and PV);
-  bytes are the K/V actually read, ``context tokens * 2 * kv_heads * head_dim * dtype``
+  bytes are the K/V actually read, ``context tokens * 2 * kv_heads * head_dim * kv dtype``
   (GQA aware: only K/V heads are stored and read), plus Q, O and the new K/V.
 * ``norm_rotary``: the memory-bound elementwise kernels by bytes: 2 fused residual-add +
   RMSNorm (read x and residual, write both), rotary on Q/K (and q/k-norm where present),
@@ -94,7 +94,7 @@ class RooflineCostModel(CostModel):
             act_elems = mats * i
         # Attention: per causal pair, per context token read, per new token (Q, O, new K/V).
         self._attn_pair = layers * 4 * hd * (model.num_heads / tp) / flops
-        self._attn_ctx = layers * 2 * kv * ab / bw
+        self._attn_ctx = layers * 2 * kv * model.kv_dtype_bytes / bw
         self._attn_tok = layers * (2 * q + 2 * kv) * ab / bw
         rotary = 2 * (q + kv) * (2 if model.qk_norm else 1)
         self._norm_tok = layers * (2 * 4 * h + rotary + act_elems) * ab / bw

@@ -139,6 +139,21 @@ def test_fp8_weights_halve_memory_bound_gemms() -> None:
         gemm_time(RooflineCostModel(LLAMA8, H100).step_time(prefill)) / 2, rel=0.01)
 
 
+def test_fp8_kv_cache_halves_kv_bytes_and_doubles_blocks() -> None:
+    fp8 = dataclasses.replace(LLAMA8, kv_cache_dtype="fp8")
+    assert fp8.kv_bytes_per_token * 2 == LLAMA8.kv_bytes_per_token
+    assert kv_block_bytes(fp8, 1, 1, 16) * 2 == kv_block_bytes(LLAMA8, 1, 1, 16)
+    assert num_kv_blocks(fp8, H100) in (2 * num_kv_blocks(LLAMA8, H100), 2 * num_kv_blocks(LLAMA8, H100) + 1)
+    shape = BatchShape.decode(256, 256 * 2000)  # KV-bound decode: attention reads half the bytes
+    a = RooflineCostModel(LLAMA8, H100).step_time(shape).breakdown["attn_decode"]
+    b = RooflineCostModel(fp8, H100).step_time(shape).breakdown["attn_decode"]
+    assert b == pytest.approx(a / 2, rel=0.05)
+    assert gemm_time(RooflineCostModel(fp8, H100).step_time(shape)) == gemm_time(
+        RooflineCostModel(LLAMA8, H100).step_time(shape))
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        dataclasses.replace(LLAMA8, kv_cache_dtype="int4")
+
+
 def test_pipeline_stages_add_sends_and_microbatches_fill_the_pipe() -> None:
     batch = BatchShape.from_lists([1024] * 4, [1024] * 4)
     pp1 = RooflineCostModel(LLAMA8, H100).step_time(batch)
