@@ -1,4 +1,4 @@
-"""CUDA graphs for pure-decode batches.
+"""CUDA graphs for pure-decode batches, and for steps with prefill tokens.
 
 A decode step of a small model is a few hundred kernel launches of a few microseconds
 each, so the CPU cannot launch them as fast as the GPU runs them. The runner captures the
@@ -10,6 +10,13 @@ and an all-zero block table (they read block 0, which the zero-filled pool keeps
 The inputs of a graph are fixed device addresses: the runner writes every step's
 metadata into one pinned host buffer laid out exactly as the graph's views of the device
 buffer expect and copies it with one ``cudaMemcpyAsync`` before ``replay()``.
+
+Steps with prefill tokens (up to ``MIXED_CAPTURE_SIZES[-1]`` tokens) replay a graph of the
+next captured token count: real requests first, then empty padding requests (zero query
+length, zero context) up to the graph's request capacity, and padding tokens that belong to
+no request (slot -1, never written by attention, never sampled; rows are independent).
+Those graphs are captured with ``max_query_len`` = the token count (the 64-row query tile)
+and no key split.
 
 The paged-attention kernel sizes its grid and its split-K factor from host ints; a graph
 freezes them at capture. We capture with ``max_query_len = 1`` and ``max_seq_len =
@@ -29,6 +36,15 @@ def default_capture_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to 512 (nano-vllm's list), limited to what a
     batch of ``max_batch`` requests can need (the first size >= max_batch is kept)."""
     return select_capture_sizes([1, 2, 4, 8, *range(16, 513, 16)], max_batch)
+
+
+#: Token counts of the mixed-step graphs (prefill chunks with or without decode rows): every
+#: step of at most 2,048 tokens is padded to the next one (<= 33 % padding from 128 up).
+MIXED_CAPTURE_SIZES = (16, 32, 64, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 1792, 2048)
+
+
+def default_mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
+    return select_capture_sizes(MIXED_CAPTURE_SIZES, max_num_batched_tokens)
 
 
 def select_capture_sizes(sizes: Sequence[int], max_batch: int) -> list[int]:
@@ -62,10 +78,10 @@ class CapturedGraph:
 class CudaGraphSet:
     """Graphs by padded batch size; ``lookup(n)`` gives the smallest captured size >= n."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: object = None) -> None:
         self.graphs: dict[int, CapturedGraph] = {}
         self.sizes: list[int] = []
-        self.pool = None
+        self.pool = pool  # a memory pool shared with another set (capture the larger graphs first)
 
     @property
     def max_size(self) -> int:

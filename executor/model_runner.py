@@ -32,7 +32,8 @@ from core.sampling_params import SamplingParams
 from core.scheduler_output import SchedulerOutput, StepResult
 from executor import memory
 from executor.config import ModelConfig
-from executor.cuda_graphs import CudaGraphSet, default_capture_sizes, select_capture_sizes
+from executor.cuda_graphs import (CudaGraphSet, default_capture_sizes, default_mixed_capture_sizes,
+                                  select_capture_sizes)
 from executor.layers import AttentionMetadata, KernelOps, paged_attention_torch, set_kernel_ops
 from executor.loader import LoadedModel
 from executor.sampler import SamplingBatch, sample
@@ -94,7 +95,8 @@ class RunnerStats:
     """Counters over the runner's life (the benchmarks read them)."""
 
     steps: int = 0
-    graph_steps: int = 0
+    graph_steps: int = 0  # pure-decode graph replays
+    mixed_graph_steps: int = 0  # replays of a graph for a step with prefill tokens
     eager_steps: int = 0
     tokens: int = 0
     sampled_tokens: int = 0
@@ -104,6 +106,7 @@ class RunnerStats:
     swap_blocks: int = 0
     max_batch: int = 0
     graph_sizes: dict[int, int] = field(default_factory=dict)
+    mixed_graph_sizes: dict[int, int] = field(default_factory=dict)
     # One entry per executed step when ``record_steps`` (benchmarks): its context tokens.
     record_steps: bool = False
     step_context_tokens: list[int] = field(default_factory=list)
@@ -122,7 +125,8 @@ class ModelRunner:
                  num_cpu_blocks: int = 0, enforce_eager: bool = False,
                  cuda_graph_sizes: list[int] | None = None, kernel_ops: KernelOps | None = None,
                  seed: int | None = 0, emulate_cuda_graphs: bool = False,
-                 attention_num_splits: int | None = None, kv_cache_dtype: str | torch.dtype = "auto") -> None:
+                 attention_num_splits: int | None = None, kv_cache_dtype: str | torch.dtype = "auto",
+                 mixed_cuda_graph_sizes: list[int] | None = None) -> None:
         self.model = loaded.model
         self.config: ModelConfig = loaded.config
         # Tensor parallelism (``executor.parallel``): every rank runs every step on its shard;
@@ -173,6 +177,13 @@ class ModelRunner:
         max_decode_batch = min(max_num_seqs, max_num_batched_tokens)
         self.capture_sizes = ((select_capture_sizes(cuda_graph_sizes, max_decode_batch) if cuda_graph_sizes
                                else default_capture_sizes(max_decode_batch)) if self.use_graphs else [])
+        # Steps with prefill tokens replay a graph too, up to a few thousand tokens, where
+        # launching ~10 kernels a layer from Python costs more than the GPU work (tensor
+        # parallelism keeps them eager: its collectives are not captured for them).
+        use_mixed = self.use_graphs and self.tp is None
+        self.mixed_capture_sizes = ((select_capture_sizes(mixed_cuda_graph_sizes, max_num_batched_tokens)
+                                     if mixed_cuda_graph_sizes is not None
+                                     else default_mixed_capture_sizes(max_num_batched_tokens)) if use_mixed else [])
         g_max = max(self.capture_sizes, default=0)
         self._alloc_staging(max(max_num_batched_tokens, g_max), max(max_num_seqs, g_max))
         self._init_rows(max(max_num_seqs, 1))
@@ -199,6 +210,7 @@ class ModelRunner:
                           if self.num_cpu_blocks else None)
 
         self.graphs = CudaGraphSet()
+        self.mixed_graphs = CudaGraphSet()
         if self.is_cuda:  # start, inputs copied, tokens copied back: one set per step in flight
             self._events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(2)]
         # The last launched step's sampled tokens (device) and each sampling request's index
@@ -428,19 +440,48 @@ class ModelRunner:
                           max_query_len=1, max_seq_len=self.max_model_len, num_splits=num_splits)
         return d[:size], d[o_pos:o_pos + size], md
 
+    def _mixed_reqs(self, num_tokens: int) -> int:
+        """Request capacity of the mixed graph of ``num_tokens`` tokens."""
+        return min(self.max_num_seqs, num_tokens)
+
+    def _mixed_graph_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
+        reqs = self._mixed_reqs(size)
+        width = self.max_blocks_per_seq
+        o_pos, o_slot, o_qsl, o_seq, o_bt, *_ = self._layout(size, reqs, width, 0)
+        d = self.dev_buf
+        md = StepMetadata(slot_mapping=d[o_slot:o_slot + size], query_start_loc=d[o_qsl:o_qsl + reqs + 1],
+                          seq_lens=d[o_seq:o_seq + reqs],
+                          block_tables=d[o_bt:o_bt + reqs * width].view(reqs, width),
+                          max_query_len=size, max_seq_len=self.max_model_len, num_splits=1)
+        return d[:size], d[o_pos:o_pos + size], md
+
     def _capture_graphs(self) -> None:
         with self._own_ops(), torch.inference_mode():
             self._capture_graphs_run()
 
     def _capture_graphs_run(self) -> None:
-        """Capture the decode forward for every size, largest first (the pool then only
-        grows once), after the KV pool is allocated."""
+        """Capture the mixed-step forwards, then the decode forward for every size, largest
+        first (the shared pool then only grows once), after the KV pool is allocated."""
         from executor.kernels import choose_num_splits
 
         cfg = self.config
         num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1)
         t0 = time.perf_counter()
         h = self.host_np
+        width = self.max_blocks_per_seq
+        for size in sorted(self.mixed_capture_sizes, reverse=True):
+            reqs = self._mixed_reqs(size)
+            o_pos, o_slot, o_qsl, o_seq, o_bt, *_, end = self._layout(size, reqs, width, 0)
+            h[:end] = 0  # one request of `size` tokens on block 0 (writing nothing), the rest empty
+            h[o_slot:o_slot + size] = -1
+            h[o_qsl + 1:o_qsl + reqs + 1] = size
+            h[o_seq] = size
+            if self.is_cuda:
+                self.dev_buf[:end].copy_(self.host_buf[:end])
+            ids, positions, md = self._mixed_graph_inputs(size)
+            self.mixed_graphs.capture(size, lambda ids=ids, positions=positions, md=md: self.model(ids, positions, md),
+                                      1, emulate=self.emulate_graphs)
+        self.graphs.pool = self.mixed_graphs.pool
         for size in sorted(self.capture_sizes, reverse=True):
             o_pos, o_slot, o_qsl, o_seq, o_bt, _, _, _, _, end = self._layout(size, size, self.max_blocks_per_seq, 0)
             h[:size] = 0
@@ -527,6 +568,7 @@ class ModelRunner:
         computed = np.array(out.num_computed_tokens, dtype=np.int64)
         decode = num_tokens == num_reqs
         graph = None
+        mixed = False
         if decode:
             if self.use_graphs and num_reqs <= self.graphs.max_size:
                 graph = self.graphs.graphs[self.graphs.padded_size(num_reqs)]
@@ -544,6 +586,9 @@ class ModelRunner:
             token_rows = rows[req_of_token]
             ids = np.fromiter(chain.from_iterable(out.new_token_ids), dtype=np.int64, count=num_tokens)
             max_query_len = int(num_new.max())
+            if num_tokens <= self.mixed_graphs.max_size:
+                graph = self.mixed_graphs.graphs[self.mixed_graphs.padded_size(num_tokens)]
+                mixed = True
         slots = self.bt_rows[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         max_seq_len = int(seq_lens.max())
         placeholders = np.flatnonzero(ids < 0)
@@ -559,7 +604,11 @@ class ModelRunner:
             num_sample = len(sample_idx)
             srows = rows[sample_idx]
 
-        if graph is not None:
+        if mixed:
+            padded = graph.size
+            width = self.max_blocks_per_seq
+            t_pad, r_pad = padded, self._mixed_reqs(padded)
+        elif graph is not None:
             padded = graph.size
             width = self.max_blocks_per_seq
             t_pad = r_pad = padded
@@ -585,7 +634,14 @@ class ModelRunner:
             np.take(self.bt_rows, rows, axis=0, out=bt_view[:num_reqs])
         else:
             bt_view[:num_reqs] = self.bt_rows[rows, :width]
-        if padded > num_reqs:  # graph padding rows: token 0 at position 0, no KV write, 1-token context
+        if mixed:  # padding tokens belong to no request; padding requests are empty
+            h[num_tokens:padded] = 0
+            h[o_pos + num_tokens:o_pos + padded] = 0
+            h[o_slot + num_tokens:o_slot + padded] = -1
+            qsl[num_reqs + 1:] = num_tokens
+            h[o_seq + num_reqs:o_seq + r_pad] = 0
+            bt_view[num_reqs:] = 0
+        elif padded > num_reqs:  # graph padding rows: token 0 at position 0, no KV write, 1-token context
             h[num_reqs:padded] = 0
             h[o_pos + num_reqs:o_pos + padded] = 0
             h[o_slot + num_reqs:o_slot + padded] = -1
@@ -608,7 +664,11 @@ class ModelRunner:
             src = d[o_ph + num_ph:o_ph + 2 * num_ph].long()
             d[where] = self._last_tokens.index_select(0, src).to(d.dtype)
         t_prep = time.perf_counter()
-        if graph is not None:
+        if mixed:
+            hidden = graph.replay()
+            self.stats.mixed_graph_steps += 1
+            self.stats.mixed_graph_sizes[padded] = self.stats.mixed_graph_sizes.get(padded, 0) + 1
+        elif graph is not None:
             hidden = graph.replay()
             self.stats.graph_steps += 1
             self.stats.graph_sizes[padded] = self.stats.graph_sizes.get(padded, 0) + 1
@@ -764,6 +824,7 @@ def kv_cache_summary(runner: ModelRunner) -> dict[str, Any]:
         "kv_tokens": runner.num_gpu_blocks * runner.block_size,
         "max_concurrency_at_max_len": runner.num_gpu_blocks * runner.block_size / runner.max_model_len,
         "cuda_graph_sizes": list(runner.graphs.sizes),
+        "mixed_cuda_graph_sizes": list(runner.mixed_graphs.sizes),
         "graph_capture_seconds": getattr(runner, "graph_capture_seconds", 0.0),
         "kernel_warmup_seconds": getattr(runner, "warmup_seconds", 0.0),
         "memory_profile": runner.memory_profile.describe() if runner.memory_profile else None,

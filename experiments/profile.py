@@ -663,7 +663,7 @@ def _v2_device_model(v2: dict[str, Any]) -> Any:
     from simulator.cost_model.calibrated import CalibratedCostModel
 
     p = json.loads(json.dumps(v2))
-    p["overhead"] = {**p["overhead"], "eager_s": 0.0, "graph_s": 0.0, "cpu_per_request_s": 0.0}
+    p["overhead"] = {**p["overhead"], "eager_s": 0.0, "graph_s": 0.0, "cpu_per_request_s": 0.0, "mixed_graph_s": 0.0}
     p.pop("eager_floor", None)
     return CalibratedCostModel(p)
 
@@ -1137,10 +1137,25 @@ def fit_overhead_v2(v2: dict[str, Any], records: dict[str, list[tuple[Any, float
         toks = np.array([r[0].total_num_scheduled_tokens for r in mixed], dtype=float)
         summ = _summary_by(mixed, pred, toks)
         result["mixed_by_tokens"] = summ
-        v2["meta"]["v2"]["eager_fit"] = fit_eager_v2(v2, summ["key"], summ["median_wall_s"],
-                                                     summ["median_predicted_device_s"], ref_reqs)
-        log(f"  mixed eager steps: eager_s {v2['overhead']['eager_s'] * 1e6:.1f} us, floor "
-            f"{[round(x * 1e3, 2) for x in v2['eager_floor']['seconds']]} ms")
+        key = np.array(summ["key"], dtype=float)
+        sizes = v2["overhead"].get("mixed_graph_sizes") or []
+        in_graph = key <= (sizes[-1] if sizes else 0)
+        if in_graph.any():
+            # Replayed graphs: what is left over the (padded) device time is CPU time, per
+            # step plus per request, with no launch floor.
+            reqs = np.array([len(r[0].req_ids) for r in mixed], dtype=float)
+            per_step = np.array([r[1] for r in mixed]) - pred - v2["overhead"]["cpu_per_request_s"] * reqs
+            mixed_s = float(np.median(per_step[toks <= sizes[-1]]))
+            v2["overhead"]["mixed_graph_s"] = mixed_s
+            result["mixed_graph_s"] = mixed_s
+            log(f"  mixed graph steps (<= {sizes[-1]} tokens): mixed_graph_s {mixed_s * 1e6:.1f} us")
+        eager = ~in_graph
+        if eager.any():
+            v2["meta"]["v2"]["eager_fit"] = fit_eager_v2(
+                v2, key[eager].tolist(), np.array(summ["median_wall_s"])[eager].tolist(),
+                np.array(summ["median_predicted_device_s"])[eager].tolist(), ref_reqs)
+            log(f"  mixed eager steps: eager_s {v2['overhead']['eager_s'] * 1e6:.1f} us, floor "
+                f"{[round(x * 1e3, 2) for x in v2['eager_floor']['seconds']]} ms")
     if records.get("mixed_cold"):
         cold = records["mixed_cold"]
         toks = np.array([r[0].total_num_scheduled_tokens for r in cold], dtype=float)
@@ -1293,6 +1308,7 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
             "max_num_seqs": runner.max_num_seqs, "max_num_batched_tokens": runner.max_num_batched_tokens,
             "num_gpu_blocks": runner.num_gpu_blocks,
             "cuda_graph_sizes": list(runner.capture_sizes), "quick": quick,
+            "mixed_cuda_graph_sizes": list(runner.mixed_capture_sizes),
             "timing": ("CUDA events around CUDA-graph replays of each op over all layers, median"
                        if dev.type == "cuda" else "perf_counter, median (CPU)"),
             "graph_capture_failures": prof.timer.graph_failures,
@@ -1315,6 +1331,8 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
     profile = make_v2(raw, pool_tokens=runner.num_gpu_blocks * runner.block_size, split_max_batch=split_max,
                       latency_batch=lat, graph_sizes=list(runner.capture_sizes), graph_s=0.0, cpu_per_request_s=0.0,
                       mixed=None, ref_reqs=ref_reqs)
+    if runner.mixed_capture_sizes:
+        profile["overhead"]["mixed_graph_sizes"] = [int(x) for x in runner.mixed_capture_sizes]
     profile["meta"]["v2"].update({"num_sms": sms, "num_kv_heads": cfg.num_key_value_heads})
     log("overhead fit")
     profile["meta"]["overhead_fit"] = fit_overhead_v2(profile, records, after, ref_reqs, log)

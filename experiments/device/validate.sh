@@ -1,11 +1,12 @@
 #!/bin/bash
-# Device run (1 x H200), in ONE call: the random Qwen3-0.6B in /dev/shm, a fresh profile
+# Device run (1 x H200), in ONE call: the executor's engine-vs-HF and LLM tests on the GPU,
+# the random Qwen3-0.6B in /dev/shm, a fresh profile
 # (experiments/profile.py: interleaved eager rounds, every step kept under "samples", clocks
 # per round), then the eight single-GPU validation cases right after it on the same GPU.
 # GPU clocks (nvidia-smi, 1 s) and CPU MHz / load (1 s) are logged over the whole call, so a
 # slow period in the profile or in a run can be told apart from model error.
-# Estimated: model ~20 s, profile ~60 s (49 s before the rounds + ~4 s, + imports), real ~180 s
-# (162.5 s in session 3), tar ~2 s => ~4.5-5 min; each part has its own limit, all end by ~570 s.
+# Estimated: tests ~70 s, model ~20 s, profile ~60 s (49 s before the rounds + ~4 s, + imports), real ~180 s
+# (162.5 s in session 3), tar ~2 s => ~6 min; each part has its own limit, all end by ~570 s.
 # Back under $OUT (5 files, well under the tool's 8): summary.log (all this prints), profile.log,
 # real.log, the profile JSON, and validate.tar.gz (run dirs, profile, all logs, monitors).
 # Run: bash experiments/device/validate.sh   (carry .valtraces; optional NAME=<profile stem>)
@@ -45,12 +46,17 @@ trap 'kill $GPU_MON $CPU_MON 2>/dev/null' EXIT
 timeout 120 python3 -m executor.make_random_model --shape Qwen3-0.6B --dtype bfloat16 --out $MODEL > "$W/model.log" 2>&1
 done_part model $?
 
+timeout 130 python3 -m pytest -q -x -p no:cacheprovider tests/executor/test_engine_vs_hf.py tests/executor/test_llm.py \
+  > "$W/pytest_gpu.log" 2>&1
+done_part pytest-gpu $?
+tail -3 "$W/pytest_gpu.log"
+
 timeout 150 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$PROFILE" \
   --num-gpu-blocks 32768 > "$W/profile.log" 2>&1
 done_part profile $?
 cp "$W/profile.log" "$OUT/"
 cp "$PROFILE" "$OUT/" 2>/dev/null
-grep -E "^  round|switch penalties|mixed eager steps:|graph decode|profile done" "$W/profile.log" | cut -c1-300
+grep -E "^  round|switch penalties|mixed eager steps:|mixed graph steps|graph decode|profile done" "$W/profile.log" | cut -c1-300
 
 left=$(( BUDGET - $(elapsed) ))
 if (( left > 60 )); then
@@ -78,9 +84,11 @@ o, m, r = p["overhead"], p["meta"], p["samples"]["eager_rounds"]
 ms = lambda xs: [round(x * 1e3, 2) for x in xs]
 fit = m["overhead_fit"]
 print(f"profile {m['profile_seconds']} s: graph_s {o['graph_s'] * 1e3:.3f} ms + {o['cpu_per_request_s'] * 1e6:.2f} us/req, "
+      f"mixed_graph_s {o.get('mixed_graph_s', 0) * 1e3:.3f} ms (sizes {o.get('mixed_graph_sizes')}), "
       f"eager_s {o['eager_s'] * 1e3:.2f} ms, switch after graph {o['eager_after_graph_s'] * 1e3:.2f} / "
       f"idle {o['eager_after_idle_s'] * 1e3:.2f} ms")
-print("eager floor ms", ms(p["eager_floor"]["seconds"]), "at tokens", [int(t) for t in p["eager_floor"]["num_tokens"]])
+if "eager_floor" in p:
+    print("eager floor ms", ms(p["eager_floor"]["seconds"]), "at tokens", [int(t) for t in p["eager_floor"]["num_tokens"]])
 print("mixed wall ms, steady rounds", ms(fit["mixed_by_tokens"]["median_wall_s"]),
       "| all rounds", ms(fit["mixed_all_rounds_by_tokens"]["median_wall_s"]),
       "| cold pass", ms(m["mixed_cold_pass"]["median_wall_s"]))

@@ -64,6 +64,11 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   ``eager_ref_reqs`` requests) minus ``eager_s``, and ``eager_s`` the part of an eager step
   that does not overlap the device (measured where the device time dominates). The part of
   the floor not covered by device work is reported as ``cpu_overhead``.
+* Optional ``overhead.mixed_graph_sizes`` / ``mixed_graph_s``: the executor replays a CUDA
+  graph for a step with prefill tokens of at most ``mixed_graph_sizes[-1]`` tokens, padded to
+  the next size: its GEMMs run at that size, attention at the real shape (as beside a chunk,
+  unsplit), and its CPU time is ``mixed_graph_s + cpu_per_request_s * num_reqs``, with no
+  launch floor.
 * An eager step that follows a graph step or idling may cost more than one that follows
   another eager step (the launch path is cold): optional ``overhead.eager_after_graph_s`` /
   ``eager_after_idle_s`` (default 0) are added to its launch floor, so they hide behind a
@@ -234,6 +239,8 @@ class CalibratedCostModel(CostModel):
                               else self._grid.line(int(dec.get("latency_batch", 0))))
         over = profile.get("overhead") or {}
         self.graph_sizes = sorted(int(x) for x in over.get("graph_sizes", []))
+        self.mixed_graph_sizes = sorted(int(x) for x in over.get("mixed_graph_sizes", []))
+        self.mixed_graph_overhead = float(over.get("mixed_graph_s", 0.0))
         self.cpu_per_request = float(over.get("cpu_per_request_s", 0.0))
         self.eager_ref_reqs = int(over.get("eager_ref_reqs", 0))
         floor = profile.get("eager_floor")
@@ -259,15 +266,17 @@ class CalibratedCostModel(CostModel):
                 t = lat
         return t
 
-    def _padded(self, n: int) -> int:
-        sizes = self.graph_sizes
+    def _padded(self, n: int, sizes: list[int] | None = None) -> int:
+        sizes = self.graph_sizes if sizes is None else sizes
         i = bisect.bisect_left(sizes, n)
         return sizes[i] if i < len(sizes) else n
 
     def _step_time_v2(self, batch: BatchShape) -> StepTiming:
         zero = 0.0
         graph = batch.num_decode == batch.num_reqs and 0 < batch.num_reqs <= self.graph_max_batch
-        t = self._padded(batch.num_tokens) if graph else batch.num_tokens
+        mixed = not graph and bool(self.mixed_graph_sizes) and batch.num_tokens <= self.mixed_graph_sizes[-1]
+        t = (self._padded(batch.num_tokens) if graph else
+             self._padded(batch.num_tokens, self.mixed_graph_sizes) if mixed else batch.num_tokens)
         attn_p = self._attn_prefill(batch)
         if batch.num_decode:
             if graph:
@@ -289,6 +298,8 @@ class CalibratedCostModel(CostModel):
         device = sum(breakdown.values())
         if graph:
             cpu = self.graph_overhead + self.cpu_per_request * batch.num_reqs
+        elif mixed:
+            cpu = self.mixed_graph_overhead + self.cpu_per_request * batch.num_reqs
         else:
             cpu = self.eager_overhead + self.cpu_per_request * (batch.num_reqs - self.eager_ref_reqs)
             if self._eager_floor is not None:
@@ -296,7 +307,7 @@ class CalibratedCostModel(CostModel):
                 if floor > device:  # the GPU waits for the launches
                     cpu += floor - device
             cpu = cpu if cpu > zero else zero
-        self._after = AFTER_GRAPH if graph else AFTER_EAGER
+        self._after = AFTER_GRAPH if graph or mixed else AFTER_EAGER
         breakdown["cpu_overhead"] = cpu
         return StepTiming(device + cpu, breakdown)
 

@@ -181,7 +181,33 @@ def test_cuda_graph_layout_matches_hf_sync_and_async(models: dict[str, tuple[Pat
     done = {r.request_id: r for r in engine.finished}
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         assert done[f"a{i}"].output_token_ids == hf_greedy(hf, p, n)
-    assert engine.backend.runner.stats.graph_steps > 0
+    stats = engine.backend.runner.stats
+    assert stats.graph_steps > 0 and stats.mixed_graph_steps > 0
+
+
+def test_mixed_step_graphs_chunked_prefill_and_prefix_hits(models: dict[str, tuple[Path, Any]]) -> None:
+    """Steps with prefill tokens replayed as (emulated) mixed graphs: chunks of 48 tokens
+    padded to 64, decode rows beside chunks, a prefix-cache hit (a chunk over cached
+    context), padding requests and padding tokens; every token equals HF's."""
+    path, hf = models["qwen3"]
+    sched = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=48, max_model_len=256)
+    engine = create_engine(path, sched, num_gpu_blocks=96, cuda_graph_sizes=[2, 4, 8], emulate_cuda_graphs=True,
+                           mixed_cuda_graph_sizes=[16, 64])
+    base = tokens(70, 900)
+    prompts = [base, base[:40] + tokens(30, 901), tokens(5, 902), tokens(100, 903)]
+    lengths = [10, 14, 20, 6]
+    now = 0.0
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        engine.add_request(Request(f"m{i}", p, greedy(n)))
+        now += engine.step(now).duration  # staggered: later prompts meet earlier ones' decodes
+    while engine.has_unfinished():
+        now += engine.step(now).duration
+    done = {r.request_id: r for r in engine.finished}
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        assert done[f"m{i}"].output_token_ids == hf_greedy(hf, p, n), f"m{i}"
+    assert done["m1"].num_cached_tokens == 32
+    stats = engine.backend.runner.stats
+    assert set(stats.mixed_graph_sizes) == {16, 64} and stats.eager_steps == 0
 
 
 def test_async_scheduling_equals_sync_with_stops_and_seeds(models: dict[str, tuple[Path, Any]]) -> None:
@@ -226,3 +252,4 @@ def test_cuda_graph_layout_matches_hf(models: dict[str, tuple[Path, Any]], name:
         assert done[f"g{i}"].output_token_ids == hf_greedy(hf, p, n)
     stats = engine.backend.runner.stats
     assert stats.graph_steps > 0 and set(stats.graph_sizes) == {2, 4}
+    assert stats.mixed_graph_steps > 0 and stats.eager_steps == 0  # every prefill step fits a mixed graph

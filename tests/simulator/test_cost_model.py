@@ -409,6 +409,22 @@ def test_v2_eager_step_is_max_of_launch_floor_and_device() -> None:
     assert cm.step_time(BatchShape.decode(65, 65 * 10)).total == pytest.approx(floor65 + 2e-3 + 62 * 5e-6, rel=1e-12)
 
 
+def test_v2_mixed_graph_steps_pad_tokens_and_skip_the_launch_floor() -> None:
+    p = synthetic_profile_v2()
+    p["overhead"] = {**p["overhead"], "mixed_graph_sizes": [64, 128, 512], "mixed_graph_s": 0.3e-3}
+    cm = CalibratedCostModel(p)
+    plain = CalibratedCostModel(synthetic_profile_v2())
+    shape = BatchShape.from_lists([1, 1, 100], [50, 70, 100])  # 102 tokens -> the 128-token graph
+    t = cm.step_time(shape)
+    assert t.breakdown["qkv_proj"] == pytest.approx(float(np.interp(128, [16, 128], [21.6e-6, 32.8e-6])), rel=1e-12)
+    assert t.breakdown["attn_prefill"] == plain.step_time(shape).breakdown["attn_prefill"]  # real shape
+    assert t.breakdown["cpu_overhead"] == pytest.approx(0.3e-3 + 3 * 5e-6, rel=1e-12)  # no 10 ms floor
+    assert t.total < plain.step_time(shape).total - 5e-3
+    # above the largest mixed graph: eager, as without mixed graphs
+    big = BatchShape.from_lists([600] + [1] * 3, [600] + [100] * 3)
+    assert cm.step_time(big).total == pytest.approx(plain.step_time(big).total, rel=1e-12)
+
+
 @pytest.mark.parametrize("batch_size, sum_context, max_context", [
     (1, 17, None), (6, 6 * 700, 2000), (20, 20 * 300, 9000), (40, 40 * 3000, 3100), (64, 64 * 100, None),
     (100, 100 * 50, 400),  # above graph_max_batch: eager
