@@ -16,7 +16,8 @@ next captured token count: real requests first, then empty padding requests (zer
 length, zero context) up to the graph's request capacity, and padding tokens that belong to
 no request (slot -1, never written by attention, never sampled; rows are independent).
 Those graphs are captured with ``max_query_len`` = the token count (the 64-row query tile)
-and no key split.
+and the decode graphs' key split (``graph_num_splits``), so a long decode row beside a chunk
+is not walked by one program alone.
 
 The paged-attention kernel sizes its grid and its split-K factor from host ints; a graph
 freezes them at capture. We capture with ``max_query_len = 1`` and ``max_seq_len =

@@ -449,10 +449,13 @@ class ModelRunner:
         width = self.max_blocks_per_seq
         o_pos, o_slot, o_qsl, o_seq, o_bt, *_ = self._layout(size, reqs, width, 0)
         d = self.dev_buf
+        # Split-K as in the decode graphs: a decode row beside a chunk must not leave one
+        # program walking its whole context while the rest of the GPU idles.
         md = StepMetadata(slot_mapping=d[o_slot:o_slot + size], query_start_loc=d[o_qsl:o_qsl + reqs + 1],
                           seq_lens=d[o_seq:o_seq + reqs],
                           block_tables=d[o_bt:o_bt + reqs * width].view(reqs, width),
-                          max_query_len=size, max_seq_len=self.max_model_len, num_splits=1)
+                          max_query_len=size, max_seq_len=self.max_model_len,
+                          num_splits=self.attention_num_splits or graph_num_splits(1, self.max_model_len))
         return d[:size], d[o_pos:o_pos + size], md
 
     def _capture_graphs(self) -> None:
@@ -480,7 +483,7 @@ class ModelRunner:
                 self.dev_buf[:end].copy_(self.host_buf[:end])
             ids, positions, md = self._mixed_graph_inputs(size)
             self.mixed_graphs.capture(size, lambda ids=ids, positions=positions, md=md: self.model(ids, positions, md),
-                                      1, emulate=self.emulate_graphs)
+                                      md.num_splits, emulate=self.emulate_graphs)
         self.graphs.pool = self.mixed_graphs.pool
         for size in sorted(self.capture_sizes, reverse=True):
             o_pos, o_slot, o_qsl, o_seq, o_bt, _, _, _, _, end = self._layout(size, size, self.max_blocks_per_seq, 0)

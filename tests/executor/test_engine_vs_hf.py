@@ -192,7 +192,7 @@ def test_mixed_step_graphs_chunked_prefill_and_prefix_hits(models: dict[str, tup
     path, hf = models["qwen3"]
     sched = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=48, max_model_len=256)
     engine = create_engine(path, sched, num_gpu_blocks=96, cuda_graph_sizes=[2, 4, 8], emulate_cuda_graphs=True,
-                           mixed_cuda_graph_sizes=[16, 64])
+                           mixed_cuda_graph_sizes=[16, 64], attention_num_splits=2)  # split-K graphs on a GPU
     base = tokens(70, 900)
     prompts = [base, base[:40] + tokens(30, 901), tokens(5, 902), tokens(100, 903)]
     lengths = [10, 14, 20, 6]
