@@ -3,12 +3,9 @@
 # tests on the GPU, then bench_offline with --kv-cache-dtype fp8: nano-vllm, and llama8b-1k at
 # 256 and 512 sequences. ~8 min. Back under $OUT: summary.log, logs.tar.gz, the JSONs.
 # Run: SERVELAB_COMMIT=<short hash>+wip bash experiments/device/fp8_h100.sh   (tracked: no carry needed)
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-cd "$(dirname "$0")/../.."
+. "$(dirname "$0")/common.sh"
 BUDGET=570
 LOGS=$(mktemp -d)
-t0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - t0 )); }
 main() {
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/executor/test_kernels.py tests/executor/test_llm.py \
   > "$LOGS/pytest_gpu.log" 2>&1

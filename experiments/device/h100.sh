@@ -10,13 +10,9 @@
 # Back under $OUT (<= 8 files): summary.log (all this prints), logs.tar.gz (each part's full
 # log), and one JSON per part, written there directly so a failed part leaves no stale copy.
 # Run: SERVELAB_COMMIT=<short hash>+wip bash experiments/device/h100.sh   (tracked: no carry needed)
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-cd "$(dirname "$0")/../.."
+. "$(dirname "$0")/common.sh"
 BUDGET=570
 LOGS=$(mktemp -d)
-t0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - t0 )); }
-done_part() { echo "== $1: rc $2 at $(elapsed) s"; }
 
 main() {
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv

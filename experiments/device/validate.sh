@@ -10,17 +10,13 @@
 # Back under $OUT (5 files, well under the tool's 8): summary.log (all this prints), profile.log,
 # real.log, the profile JSON, and validate.tar.gz (run dirs, profile, all logs, monitors).
 # Run: bash experiments/device/validate.sh   (carry .valtraces; optional NAME=<profile stem>)
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-cd "$(dirname "$0")/../.."
+. "$(dirname "$0")/common.sh"
 export SERVELAB_TRACES=$PWD/.valtraces
 NAME=${NAME:-qwen3_0_6b_h200_v2_rounds}
 MODEL=/dev/shm/q06
 W=$(mktemp -d /tmp/val.XXXX)
 PROFILE=$W/$NAME.json
 BUDGET=570
-t0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - t0 )); }
-done_part() { echo "== $1: rc $2 at $(elapsed) s"; }
 
 cpu_monitor() {
   echo "t_s,load1,cpu_mhz_mean,cpu_mhz_min,cpu_mhz_max"
