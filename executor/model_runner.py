@@ -236,8 +236,8 @@ class ModelRunner:
         # Two host buffers on CUDA, used in turn: with a step in flight (``launch``), the
         # previous step's copy may still be queued behind the device's work when the next
         # step is prepared. (On the CPU every step completes inside ``launch``.)
-        self._host_bufs = [torch.zeros(n, dtype=torch.int32, pin_memory=self.is_cuda)
-                           for _ in range(2 if self.is_cuda else 1)]
+        bufs = [torch.zeros(n, dtype=torch.int32, pin_memory=self.is_cuda) for _ in range(2 if self.is_cuda else 1)]
+        self._host_bufs = [(b, b.numpy(), b.numpy().view(np.float32)) for b in bufs]
         self._use_host_buf(0)
         self.dev_buf = torch.zeros(n, dtype=torch.int32, device=self.device) if self.is_cuda else self.host_buf
         self.dev_buf_f32 = self.dev_buf.view(torch.float32)
@@ -247,9 +247,7 @@ class ModelRunner:
         self._launches = 0
 
     def _use_host_buf(self, index: int) -> None:
-        self.host_buf = self._host_bufs[index]
-        self.host_np = self.host_buf.numpy()
-        self.host_np_f32 = self.host_np.view(np.float32)
+        self.host_buf, self.host_np, self.host_np_f32 = self._host_bufs[index]
 
     def _init_rows(self, n: int) -> None:
         """Persistent per-request rows: block table, sampling parameters."""
