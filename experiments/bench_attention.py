@@ -36,6 +36,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from experiments.bench_common import BANDWIDTH, environment, write_result
 
@@ -43,6 +44,7 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3.1-8B, 
 BATCHES, CONTEXTS = (1, 16, 64, 256), (512, 1024, 4096, 8192)
 HEADLINE = (64, 4096)
 SPLIT_SWEEP = (1, 2, 4, 8, 16)
+TILE_SWEEP = (32, 64, 128)
 # --quick: tiny sizes the Triton interpreter runs in seconds, still covering one point
 # without split-K (context < 512) and one with the graphs' split-K 2.
 QUICK_BATCHES, QUICK_CONTEXTS, QUICK_HEADLINE, QUICK_SPLIT_SWEEP = (1, 2), (40, 512), (2, 512), (1, 4)
@@ -73,9 +75,10 @@ def align16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def must_move_bytes(batch: int, context: int, itemsize: int = 2) -> int:
-    """K and V of every context token of every request, plus q and the output."""
-    kv = batch * context * 2 * NUM_KV_HEADS * HEAD_DIM * itemsize
+def must_move_bytes(batch: int, context: int, itemsize: int = 2, kv_itemsize: int | None = None) -> int:
+    """K and V of every context token of every request (``kv_itemsize`` bytes each, default
+    ``itemsize``), plus q and the output."""
+    kv = batch * context * 2 * NUM_KV_HEADS * HEAD_DIM * (kv_itemsize or itemsize)
     return kv + 2 * batch * NUM_HEADS * HEAD_DIM * itemsize
 
 
@@ -120,21 +123,25 @@ def time_call(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
 
 
 class DecodeBench:
-    """A K/V pool of random bf16 values and the decode batches drawn from it."""
+    """A K/V pool of random values (bf16, or rounded to fp8 for ``kv_dtype``) and the decode
+    batches drawn from it."""
 
-    def __init__(self, num_blocks: int, device: str, seed: int = 0) -> None:
+    def __init__(self, num_blocks: int, device: str, seed: int = 0, kv_dtype: Any = None) -> None:
         import torch
 
         self.device = device
         self.gen = torch.Generator(device=device).manual_seed(seed)
         shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-        self.k_cache = torch.randn(shape, generator=self.gen, device=device, dtype=torch.bfloat16)
-        self.v_cache = torch.randn(shape, generator=self.gen, device=device, dtype=torch.bfloat16)
+        dtype = kv_dtype or torch.bfloat16
+        self.k_cache = torch.randn(shape, generator=self.gen, device=device, dtype=torch.bfloat16).to(dtype)
+        self.v_cache = torch.randn(shape, generator=self.gen, device=device, dtype=torch.bfloat16).to(dtype)
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device == "cuda" else 1)
 
-    def run_point(self, batch: int, context: int, num_splits: int | None, warmup: int, reps: int) -> Point:
-        """Time one decode batch; ``num_splits`` None takes the graph's choice."""
+    def run_point(self, batch: int, context: int, num_splits: int | None, warmup: int, reps: int,
+                  tile_n: int | None = None) -> Point:
+        """Time one decode batch; ``num_splits`` None takes the graph's choice, ``tile_n`` None
+        the kernel's key tile."""
         import torch
 
         from executor.kernels import paged_attention
@@ -152,12 +159,12 @@ class DecodeBench:
         query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         seq_lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
         scale = HEAD_DIM ** -0.5
-        choice = "forced" if num_splits is not None else "graph"
+        choice = ("forced" if num_splits is not None else "graph") + (f" tile {tile_n}" if tile_n else "")
         splits = num_splits or graph_splits(batch, context, self.num_sms)
 
         def call() -> torch.Tensor:
             return paged_attention(q, self.k_cache, self.v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                   max_query_len=1, max_seq_len=context, num_splits=splits)
+                                   max_query_len=1, max_seq_len=context, num_splits=splits, tile_n=tile_n)
 
         n = min(batch, CHECK_REQUESTS)
         expected = paged_attention_ref(q[:n], self.k_cache, self.v_cache, query_start_loc[:n + 1], seq_lens[:n],
@@ -165,7 +172,7 @@ class DecodeBench:
         err = (call()[:n].float() - expected.float()).abs().max().item()
         times = time_call(call, warmup, reps)
         median = statistics.median(times)
-        moved = must_move_bytes(batch, context)
+        moved = must_move_bytes(batch, context, kv_itemsize=self.k_cache.element_size())
         return Point(batch, context, splits, choice, 1e6 * median, 1e6 * min(times), moved, moved / median / 1e9,
                      moved / median / BANDWIDTH, err)
 
@@ -175,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (CPU interpreter test)")
     ap.add_argument("--warmup", type=int, default=None, help="default 10 (quick: 1)")
     ap.add_argument("--reps", type=int, default=None, help="default 100 (quick: 2)")
-    ap.add_argument("--out", default="experiments/results/bench_attention.json")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="fp8: the cache holds float8 e4m3 (bytes moved count 1 byte per K/V element)")
+    ap.add_argument("--out", default=None, help="default: experiments/results/bench_attention[_fp8].json")
     args = ap.parse_args(argv)
 
     import torch
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     reps = args.reps if args.reps is not None else (2 if args.quick else 100)
 
     t0 = time.perf_counter()
-    bench = DecodeBench(max(batches) * -(-max(contexts) // BLOCK_SIZE), device)
+    fp8 = args.kv_cache_dtype == "fp8"
+    bench = DecodeBench(max(batches) * -(-max(contexts) // BLOCK_SIZE), device,
+                        kv_dtype=torch.float8_e4m3fn if fp8 else None)
     points = []
     for batch in batches:
         for context in contexts:
@@ -200,30 +211,36 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             print(f"batch {batch:4d} context {context:5d} splits {p.num_splits:2d}: {p.median_us:9.1f} us "
                   f"{p.gb_per_s:7.0f} GB/s ({100 * p.fraction_of_bandwidth:5.1f}%)", flush=True)
     split_sweep = [bench.run_point(*headline, s, warmup, reps) for s in sweep]
+    # Key-tile sweep at the headline point (graph split choice): 1-byte K/V tiles move half
+    # the bytes of 2-byte ones, so the best tile may differ by cache dtype.
+    tile_sweep = [bench.run_point(*headline, None, warmup, reps, tile_n=t) for t in TILE_SWEEP]
     head = next(p for p in points if (p.batch, p.context) == headline)
-    failed = [p for p in points + split_sweep if not p.check_max_abs_err <= CHECK_TOL]
+    failed = [p for p in points + split_sweep + tile_sweep if not p.check_max_abs_err <= CHECK_TOL]
     result = {
         "benchmark": "paged-attention decode kernel, Llama-3.1-8B layer (32 q / 8 kv heads, head_dim 128), "
-                     "bf16, block 16, runner's decode-graph launch",
+                     f"bf16 q, {'fp8 e4m3' if fp8 else 'bf16'} KV, block 16, runner's decode-graph launch",
+        "kv_cache_dtype": args.kv_cache_dtype,
         **environment(),
         "quick": args.quick,
         "timing": ("CUDA graph replay between events, L2 flushed, median" if device == "cuda"
                    else "Triton interpreter, perf_counter, median"),
         "warmup": warmup, "reps": reps,
         "bandwidth_bytes_per_s": BANDWIDTH,
-        "bytes_formula": "batch*context*2*kv_heads*head_dim*2 (K,V) + 2*batch*q_heads*head_dim*2 (q, out)",
+        "bytes_formula": (f"batch*context*2*kv_heads*head_dim*{1 if fp8 else 2} (K,V) "
+                          "+ 2*batch*q_heads*head_dim*2 (q, out)"),
         "headline": {**asdict(head), "target_fraction": TARGET_FRACTION,
                      "meets_target": head.fraction_of_bandwidth >= TARGET_FRACTION},
         "points": [asdict(p) for p in points],
         "split_sweep": [asdict(p) for p in split_sweep],
+        "tile_sweep": [asdict(p) for p in tile_sweep],
         "check": {"requests_per_point": CHECK_REQUESTS, "tolerance": CHECK_TOL, "failed": len(failed)},
         "seconds": time.perf_counter() - t0,
     }
-    out = write_result(args.out, result)
+    out = write_result(args.out or f"experiments/results/bench_attention{'_fp8' if fp8 else ''}.json", result)
     print(f"wrote {out}")
     print(f"\n{'batch':>5} {'context':>7} {'splits':>6} {'median us':>10} {'GB/s':>7} {'of 3.0 TB/s':>11}")
-    for p in points + split_sweep:
-        mark = " forced" if p.split_choice == "forced" else ""
+    for p in points + split_sweep + tile_sweep:
+        mark = "" if p.split_choice == "graph" else " " + p.split_choice
         print(f"{p.batch:5d} {p.context:7d} {p.num_splits:6d} {p.median_us:10.1f} {p.gb_per_s:7.0f} "
               f"{100 * p.fraction_of_bandwidth:10.1f}%{mark}")
     print(f"headline batch {headline[0]}, context {headline[1]}: {100 * head.fraction_of_bandwidth:.1f}% of "

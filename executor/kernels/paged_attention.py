@@ -230,7 +230,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float, *, max_query_len: int,
                     max_seq_len: int, num_splits: int | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, tile_n: int | None = None) -> torch.Tensor:
     """Causal paged attention of a mixed batch; returns ``[num_tokens, num_heads, head_dim]``.
 
     ``query_start_loc`` int32 ``[num_reqs + 1]`` (cumulative new-token counts),
@@ -239,7 +239,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     host-side bounds (the caller knows them; reading them from the tensors would sync) that
     pick the tile shape and the split-K path. ``num_splits`` forces the number of key-range
     splits (1 = no split-K, otherwise a power of two); None lets ``choose_num_splits``
-    decide. ``out`` may be a preallocated output (e.g. a CUDA-graph buffer). Rows past
+    decide. ``out`` may be a preallocated output (e.g. a CUDA-graph buffer). ``tile_n``
+    forces the number of keys per tile (a power of two >= 16; a benchmarking knob). Rows past
     ``query_start_loc[-1]`` (batch padding) are not written. Accumulation is fp32;
     fp32 inputs use full-precision (non-TF32) dots.
     """
@@ -269,7 +270,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m = max(min_rows, triton.next_power_of_2(queries_per_kv))
     block_q = block_m // queries_per_kv
     head_dim_p = triton.next_power_of_2(head_dim)
-    tile_n = 64 if head_dim_p <= 128 else 32
+    if tile_n is None:
+        tile_n = 64 if head_dim_p <= 128 else 32
+    elif tile_n < 16 or tile_n & (tile_n - 1):
+        raise ValueError(f"tile_n must be a power of two >= 16, got {tile_n}")
     grid_q_blocks = num_tokens // block_q + num_reqs
     upcast_dot = TRITON_INTERPRET and q.dtype == torch.bfloat16
     if num_splits is None:
