@@ -73,14 +73,17 @@ def _paged_attention_kernel(
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, KV_CONVERT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, KV_CONVERT: tl.constexpr, KV_F16: tl.constexpr,
 ):
     """Online-softmax attention of one query block (all q heads of one kv head) over one
     split of its causal key range. Scores are kept in log2 units (``scale_log2`` folds
     log2(e) into the softmax scale) so the exponentials are ``exp2``. ``UPCAST_DOT`` feeds
     the dots exact fp32 copies of bf16 operands: Triton's CPU interpreter multiplies bf16
     as raw uint16 bits; on the GPU it is off. ``KV_CONVERT``: the cache holds another dtype
-    than q (an fp8 KV cache): K and V tiles are converted to q's dtype as they are loaded."""
+    than q (an fp8 KV cache): K and V tiles are converted as they are loaded, to fp16 when
+    ``KV_F16`` (e4m3 -> fp16 is one native conversion per pair on Hopper, e4m3 -> bf16 is
+    not; q and p are rounded to fp16 for the dots, which bf16 inputs lose nothing to) and to
+    q's dtype otherwise."""
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -106,6 +109,8 @@ def _paged_attention_kernel(
     token = (q_start + q_pos).to(tl.int64)
     q = tl.load(q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h
                 + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if KV_F16:
+        q = q.to(tl.float16)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     last_key = context_len + q_pos  # causal limit of each row
@@ -130,7 +135,9 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + block[None, :] * stride_k_b + slot[None, :] * stride_k_s
                     + kv_head * stride_k_h + offs_d[:, None],
                     mask=kv_valid[None, :] & d_valid[:, None], other=0.0)
-        if KV_CONVERT:
+        if KV_F16:
+            k = k.to(tl.float16)
+        elif KV_CONVERT:
             k = k.to(q_ptr.dtype.element_ty)
         if UPCAST_DOT:
             k = k.to(tl.float32)
@@ -145,9 +152,13 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + block[:, None] * stride_v_b + slot[:, None] * stride_v_s
                     + kv_head * stride_v_h + offs_d[None, :],
                     mask=kv_valid[:, None] & d_valid[None, :], other=0.0)
-        if KV_CONVERT:
-            v = v.to(q_ptr.dtype.element_ty)
-        p_dot = p.to(q_ptr.dtype.element_ty)
+        if KV_F16:
+            v = v.to(tl.float16)
+            p_dot = p.to(tl.float16)
+        else:
+            if KV_CONVERT:
+                v = v.to(q_ptr.dtype.element_ty)
+            p_dot = p.to(q_ptr.dtype.element_ty)
         if UPCAST_DOT:
             p_dot = p_dot.to(tl.float32)
             v = v.to(tl.float32)
@@ -300,7 +311,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast_dot else "tf32",
-        UPCAST_DOT=upcast_dot, KV_CONVERT=k_cache.dtype != q.dtype, num_warps=4, num_stages=2,
+        UPCAST_DOT=upcast_dot, KV_CONVERT=k_cache.dtype != q.dtype,
+        KV_F16=k_cache.element_size() == 1 and q.dtype in (torch.bfloat16, torch.float16) and not upcast_dot,
+        num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
