@@ -1,6 +1,7 @@
 #!/bin/bash
 # Device run (1 x H100): kernel tests, the fp8 attention benchmark, nano-vllm and llama8b-1k (256
-# sequences) with the fp8 KV cache. ~6 min. Run: bash experiments/device/fp8_tune_h100.sh
+# sequences) with the fp8 KV cache. ~4-6 min.
+# Run: SERVELAB_COMMIT=<short hash> bash experiments/device/fp8_tune_h100.sh   (the copy has no .git)
 . "$(dirname "$0")/common.sh"
 mkdir -p $OUT
 timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/executor/test_kernels.py > $OUT/pytest.log 2>&1; done_part pytest $?; tail -2 $OUT/pytest.log
