@@ -213,10 +213,10 @@ class ModelRunner:
         self.mixed_graphs = CudaGraphSet()
         if self.is_cuda:  # start, inputs copied, tokens copied back: one set per step in flight
             self._events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(2)]
-        # The last launched step's sampled tokens (device) and each sampling request's index
-        # in them: the ids of the next step's PLACEHOLDER tokens.
+        # The last launched step's sampled tokens (device), its request ids and which of them
+        # sampled (None: all): the ids of the next step's PLACEHOLDER tokens.
         self._last_tokens: torch.Tensor | None = None
-        self._last_index: dict[str, int] = {}
+        self._last_samplers: tuple[list[str], np.ndarray | None] = ([], None)
         if self.use_graphs:
             self._capture_graphs()
         if self.is_cuda:
@@ -746,9 +746,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         tokens = sample(logits, batch)
         self._last_tokens = tokens
-        req_ids = out.req_ids
-        self._last_index = ({rid: i for i, rid in enumerate(req_ids)} if sample_idx is None else
-                            {req_ids[j]: i for i, j in enumerate(sample_idx.tolist())})
+        self._last_samplers = (out.req_ids, sample_idx)
         if is_cuda:
             host_tokens = self._token_bufs[slot][:num_sample]
             host_tokens.copy_(tokens, non_blocking=True)
@@ -774,7 +772,10 @@ class ModelRunner:
                             h: np.ndarray, offset: int) -> None:
         """Write the placeholder token positions and, after them, each one's index in the
         previous step's samples (``req_of_token`` is None for a pure-decode step)."""
-        index = self._last_index
+        # Built here, not per launch: only a step with placeholders (async scheduling) needs it.
+        last_ids, last_idx = self._last_samplers
+        index = ({rid: i for i, rid in enumerate(last_ids)} if last_idx is None else
+                 {last_ids[j]: i for i, j in enumerate(last_idx.tolist())})
         req_ids = out.req_ids
         reqs = (positions if req_of_token is None else req_of_token[positions]).tolist()
         try:
@@ -811,7 +812,7 @@ class ModelRunner:
             self._release(rid, finished=True)
         self.generators.clear()
         self._last_tokens = None
-        self._last_index = {}
+        self._last_samplers = ([], None)
 
 
 def kv_cache_summary(runner: ModelRunner) -> dict[str, Any]:
