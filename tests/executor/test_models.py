@@ -140,33 +140,25 @@ def test_mixed_batch_matches_per_request(family_case: FamilyCase) -> None:
 
 # ---------------------------------------------------------------- the kernel seam
 
-def test_triton_kernel_ops_through_the_seam(make_tiny_model: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("arch,length,steps,chunk,seed", [
+    ("Qwen3ForCausalLM", 37, 8, 20, 2),
+    ("LlamaForCausalLM", 29, 6, 17, 3),  # the fused attention prologue without q/k norm: rotary + KV store
+])
+def test_triton_kernel_ops_through_the_seam(make_tiny_model: Callable[..., Path], arch: str, length: int,
+                                            steps: int, chunk: int, seed: int) -> None:
     """The ``executor.kernels`` adapter plugs in without model changes (on CPU the kernels
     run their torch references, so this checks the wiring; GPU runs check the kernels)."""
     pytest.importorskip("triton")
-    model = load_model(make_tiny_model("Qwen3ForCausalLM")).model
-    prompt = random_tokens(37, seed=2)
-    expected = greedy_paged(model, prompt, 8, first_chunk=20)
-    previous = set_kernel_ops(triton_ops())
-    try:
-        assert greedy_paged(model, prompt, 8, first_chunk=20) == expected
-    finally:
-        set_kernel_ops(previous)
-    assert previous is TORCH_OPS
-
-
-def test_triton_kernel_ops_through_the_seam_without_qk_norm(make_tiny_model: Callable[..., Path]) -> None:
-    """The fused attention prologue with no q/k norm weights (Llama: rotary + KV store)."""
-    pytest.importorskip("triton")
-    model = load_model(make_tiny_model("LlamaForCausalLM")).model
-    prompt = random_tokens(29, seed=3)
-    expected = greedy_paged(model, prompt, 6, first_chunk=17)
+    model = load_model(make_tiny_model(arch)).model
+    prompt = random_tokens(length, seed=seed)
+    expected = greedy_paged(model, prompt, steps, first_chunk=chunk)
     previous = set_kernel_ops(triton_ops())
     try:
         assert triton_ops().qk_norm_rope_store is not None
-        assert greedy_paged(model, prompt, 6, first_chunk=17) == expected
+        assert greedy_paged(model, prompt, steps, first_chunk=chunk) == expected
     finally:
         set_kernel_ops(previous)
+    assert previous is TORCH_OPS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
