@@ -64,6 +64,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from experiments.profile_steps import columns_from_samples, fit_step_tables, measure_step_sweep, samples_columns
+
 PROFILE_FORMAT = "servelab-profile-v2"
 PROFILE_FORMAT_V1 = "servelab-profile-v1"
 
@@ -1343,8 +1345,28 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
                       "the steady rounds of their segment (see steady_rounds in experiments/profile.py)"),
         "rounds": len(eager.rounds), "steady_rounds": steady, "drift_limit": DRIFT_LIMIT}
     profile["samples"] = samples_section(first, eager, steady, per_round)
+    log("serving-shaped step sweep (decode batches walking down through every graph size, prompts injected)")
+    try:
+        sweep = measure_step_sweep(backend, quick, log)
+    except (RuntimeError, ValueError) as e:  # keep the op profile: it is still a working (older-style) one
+        log(f"  step sweep FAILED, profile written without step_fits: {type(e).__name__}: {e}")
+    else:
+        profile["samples"]["step_sweep"] = samples_columns(sweep)
+        refit_steps(profile, log)
     profile["meta"]["profile_seconds"] = round(time.perf_counter() - t_start, 1)
     log(f"profile done in {profile['meta']['profile_seconds']} s")
+    return profile
+
+
+def refit_steps(profile: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """(Re)fit ``step_fits`` from the profile's stored sweep (edits ``profile`` in place)."""
+    fits, summary = fit_step_tables(profile, columns_from_samples(profile["samples"]["step_sweep"]))
+    profile["step_fits"] = fits
+    profile["meta"]["step_fit_summary"] = summary
+    for kind, row in summary.items():
+        log(f"  step fit {kind}: " + ", ".join(f"{s}:{n}/{e * 100:.1f}%" for s, n, e
+                                               in zip(row["size"], row["n"], row["median_abs_rel_err"]))
+            + "  (size: points / median |rel err| on the sweep itself)")
     return profile
 
 
@@ -1361,6 +1383,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--refit-eager", default=None, metavar="PROFILE",
                     help="recompute the eager fit of an older profile from its stored warm pass, write --out")
+    ap.add_argument("--refit-steps", default=None, metavar="PROFILE",
+                    help="recompute step_fits of a profile from its stored step sweep, write --out")
     ap.add_argument("--v2-from-v1", default=None, metavar="PROFILE",
                     help="convert a v1 profile written by this module to v2 (needs --num-kv-heads, --num-sms)")
     ap.add_argument("--num-kv-heads", type=int, default=None, help="the model's KV heads (--v2-from-v1)")
@@ -1379,6 +1403,11 @@ def main(argv: list[str] | None = None) -> None:
         profile = refit_eager_from_meta(json.loads(Path(args.refit_eager).read_text()))
         Path(args.out).write_text(json.dumps(profile, indent=1, default=float) + "\n")
         print(f"refit eager_s = {profile['overhead']['eager_s'] * 1e3:.2f} ms -> {args.out}")
+        return
+    if args.refit_steps:
+        profile = refit_steps(json.loads(Path(args.refit_steps).read_text()))
+        Path(args.out).write_text(json.dumps(profile, indent=1, default=float) + "\n")
+        print(f"refit step_fits -> {args.out}")
         return
     if args.v2_from_v1:
         if not (args.num_kv_heads and args.num_sms):

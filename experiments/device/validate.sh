@@ -5,7 +5,8 @@
 # per round), then the eight single-GPU validation cases right after it on the same GPU.
 # GPU clocks (nvidia-smi, 1 s) and CPU MHz / load (1 s) are logged over the whole call, so a
 # slow period in the profile or in a run can be told apart from model error.
-# Estimated: tests ~70 s, model ~20 s, profile ~60 s (49 s before the rounds + ~4 s, + imports), real ~180 s
+# Estimated: tests ~70 s, model ~20 s, profile ~90 s (49 s before the rounds + ~4 s, the step sweep ~30 s,
+# + imports), real ~180 s
 # (162.5 s in session 3), tar ~2 s => ~6 min; each part has its own limit, all end by ~570 s.
 # Back under $OUT (5 files, well under the tool's 8): summary.log (all this prints), profile.log,
 # real.log, the profile JSON, and validate.tar.gz (run dirs, profile, all logs, monitors).
@@ -47,12 +48,12 @@ timeout 130 python3 -m pytest -q -x -p no:cacheprovider tests/executor/test_engi
 done_part pytest-gpu $?
 tail -3 "$W/pytest_gpu.log"
 
-timeout 150 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$PROFILE" \
+timeout 210 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$PROFILE" \
   --num-gpu-blocks 32768 > "$W/profile.log" 2>&1
 done_part profile $?
 cp "$W/profile.log" "$OUT/"
 cp "$PROFILE" "$OUT/" 2>/dev/null
-grep -E "^  round|switch penalties|mixed eager steps:|mixed graph steps|graph decode|profile done" "$W/profile.log" | cut -c1-300
+grep -E "^  round|switch penalties|mixed eager steps:|mixed graph steps|graph decode|sweep pass|step fit|FAILED|profile done" "$W/profile.log" | cut -c1-400
 
 left=$(( BUDGET - $(elapsed) ))
 if (( left > 60 )); then

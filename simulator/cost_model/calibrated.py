@@ -75,6 +75,17 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   device-bound step. This makes the model stateful: ``step_time`` must be called once per
   executed step, in order (``decode_step_times`` counts as its k steps), and the simulator
   reports idling with ``note_idle``.
+* Optional ``step_fits`` (``experiments/profile_steps.py`` measures and fits them from whole
+  serving-shaped steps): linear corrections of what the op tables leave over, per graph
+  size. ``graph_decode`` ({"graph_size": [...], "coef": [[a, b, c, d], ...]}): a graph decode
+  step of padded size G costs its non-attention device ops plus ``a + b * num_reqs`` (its
+  ``cpu_overhead``) plus ``c * sum_context + d * max_context`` (its ``attn_decode``);
+  ``mixed_graph`` ({"graph_size", "coef": [[a, b, c], ...], "shared_coef": [a, b, c, e]}): a
+  mixed-graph step of padded size M costs its device ops plus ``a + b * num_reqs + c *
+  decode_context`` (``+ e * num_tokens`` with the shared fit, for sizes without their own);
+  ``eager`` ({"coef": [a, b, c, e]}): an eager step costs its device ops plus ``a + b *
+  num_reqs + c * decode_context + e * num_tokens``, which replaces the launch floor, the
+  ``eager_s`` term and the switch penalties. A size without a fit keeps the terms above.
 """
 from __future__ import annotations
 
@@ -249,6 +260,14 @@ class CalibratedCostModel(CostModel):
         self.eager_after = {AFTER_EAGER: 0.0, AFTER_GRAPH: float(over.get("eager_after_graph_s", 0.0)),
                             AFTER_IDLE: float(over.get("eager_after_idle_s", 0.0))}
         self._after = AFTER_IDLE  # what the next step follows: a run starts on an idle engine
+        fits = profile.get("step_fits") or {}
+        gd, md, ea = fits.get("graph_decode"), fits.get("mixed_graph"), fits.get("eager")
+        self._graph_fit = ({int(g): tuple(float(x) for x in c) for g, c in zip(gd["graph_size"], gd["coef"])}
+                           if gd else {})
+        self._mixed_fit = ({int(m): tuple(float(x) for x in c) for m, c in zip(md["graph_size"], md["coef"])}
+                           if md else {})
+        self._mixed_shared = tuple(float(x) for x in md["shared_coef"]) if md else None
+        self._eager_fit = tuple(float(x) for x in ea["coef"]) if ea else None
 
     def note_idle(self, seconds: float) -> None:
         """The replica sat idle (no unfinished request) for ``seconds`` before its next step.
@@ -277,6 +296,8 @@ class CalibratedCostModel(CostModel):
         mixed = not graph and bool(self.mixed_graph_sizes) and batch.num_tokens <= self.mixed_graph_sizes[-1]
         t = (self._padded(batch.num_tokens) if graph else
              self._padded(batch.num_tokens, self.mixed_graph_sizes) if mixed else batch.num_tokens)
+        if graph and t in self._graph_fit:
+            return self._fitted_graph_step(batch, t)
         attn_p = self._attn_prefill(batch)
         if batch.num_decode:
             if graph:
@@ -298,8 +319,18 @@ class CalibratedCostModel(CostModel):
         device = sum(breakdown.values())
         if graph:
             cpu = self.graph_overhead + self.cpu_per_request * batch.num_reqs
+        elif mixed and self._mixed_shared is not None:
+            c = self._mixed_fit.get(t)
+            if c is not None:
+                cpu = c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context
+            else:
+                c = self._mixed_shared
+                cpu = c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context + c[3] * batch.num_tokens
         elif mixed:
             cpu = self.mixed_graph_overhead + self.cpu_per_request * batch.num_reqs
+        elif self._eager_fit is not None:
+            c = self._eager_fit
+            cpu = c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context + c[3] * batch.num_tokens
         else:
             cpu = self.eager_overhead + self.cpu_per_request * (batch.num_reqs - self.eager_ref_reqs)
             if self._eager_floor is not None:
@@ -309,7 +340,17 @@ class CalibratedCostModel(CostModel):
             cpu = cpu if cpu > zero else zero
         self._after = AFTER_GRAPH if graph or mixed else AFTER_EAGER
         breakdown["cpu_overhead"] = cpu
-        return StepTiming(device + cpu, breakdown)
+        return StepTiming(_positive(device + cpu), breakdown)
+
+    def _fitted_graph_step(self, batch: BatchShape, size: int) -> StepTiming:
+        """A graph decode step of padded ``size`` with its ``step_fits.graph_decode`` line."""
+        a, per_req, per_ctx, per_max = self._graph_fit[size]
+        attn_d = per_ctx * batch.decode_context + per_max * batch.max_decode_context
+        breakdown = self._device_breakdown(size, batch.num_sampling, 0.0, attn_d)
+        cpu = a + per_req * batch.num_reqs
+        breakdown["cpu_overhead"] = cpu
+        self._after = AFTER_GRAPH
+        return StepTiming(_positive(sum(breakdown.values())), breakdown)
 
     def _attn_prefill(self, batch: BatchShape) -> float:
         """The prefill plane ``a + b*tokens + c*context + d*causal_pairs`` (0 without prefill)."""
@@ -384,11 +425,22 @@ class CalibratedCostModel(CostModel):
         first = self.step_time(BatchShape.decode(batch_size, sum_context, max_context))
         rows = self._padded(batch_size)
         j = np.arange(k, dtype=float)
+        fit = self._graph_fit.get(rows)
+        if fit is not None:
+            attn = fit[2] * (sum_context + batch_size * j) + fit[3] * (max_context + j)
+            return np.maximum(first.total - first.breakdown["attn_decode"] + attn, _MIN_STEP_S)
         attn = self._grid.many(rows, (sum_context + batch_size * j) / batch_size)
         if not (rows <= self.split_max_batch) and self._latency_line is not None:
             attn = np.maximum(attn, _pl_vec(self._latency_line, max_context + j))
         rest = first.total - first.breakdown["attn_decode"]
         return rest + attn
+
+
+_MIN_STEP_S = 1e-6  # a fitted step is never free (a fit extrapolated far could reach 0)
+
+
+def _positive(t: float) -> float:
+    return t if t > _MIN_STEP_S else _MIN_STEP_S
 
 
 def _pl_vec(f: PiecewiseLinear, x: np.ndarray) -> np.ndarray:
