@@ -8,22 +8,29 @@ way serving runs them, and fits what the op tables leave over, per graph size:
 
 * **the sweep** (``measure_step_sweep``): a real ``EngineCore`` on the ``RealBackend`` with
   ``N`` requests of spread prompt lengths decodes while one random request is aborted every
-  few steps (``steps_per_batch``, more for small batches), so the batch walks down through every size from ``N`` to 1 (every
-  decode graph, and every padding count inside it) at realistic, unequal contexts; every
-  ``inject_every``-th step a fresh prompt (cycling through ``INJECT_TOKENS``) joins, which
-  makes that step a mixed-graph or eager step beside the decoders. Passes differ in context
-  level (short, medium, long). Aborts and additions happen between timed steps.
-* **the fits** (``fit_step_tables``, no torch): ordinary least squares with one outlier pass
-  (points beyond 3.5 robust sigmas dropped, then refitted):
+  few steps (``steps_per_batch``, more for small batches), so the batch walks down through
+  every size from ``N`` to 1 (every decode graph, and every padding count inside it) at
+  realistic, unequal contexts; every ``inject_every``-th step a fresh prompt joins, which
+  makes that step a mixed-graph or eager step beside the decoders. Passes (``SweepPass``)
+  differ in context level, in how many decoders sit beside the prompts and in the token
+  budget (chunks). Aborts and additions happen between timed steps.
+* **the fits** (``fit_step_tables``, no torch): least squares made robust to host hiccups
+  (``robust_lstsq``: a Huber fit, then points beyond 3.5 robust sigmas of it dropped):
 
   - a graph decode step of padded size ``G``: ``wall - non-attention device ops(G)`` ~
-    ``a + b * num_reqs + c * sum_context + d * max_context``, one fit per ``G`` (the
-    context terms become the step's ``attn_decode``, the rest its ``cpu_overhead``);
-  - a mixed-graph step of padded size ``M``: ``wall - device ops`` ~ ``a + b * num_reqs +
-    c * decode_context``, one fit per ``M`` (sizes with too few points share a fit over all
-    mixed steps that also has a token term);
-  - an eager step: ``wall - device ops`` ~ ``a + b * num_reqs + c * decode_context +
-    d * num_tokens``, one fit.
+    ``a_G + b_G * num_reqs + c_G * sum_context + d * max_context``, fitted jointly over all
+    sizes with one ``d`` for the graphs that split the keys and one for those that do not
+    (the context terms become the step's ``attn_decode``, the rest its ``cpu_overhead``).
+    Why one ``d`` per regime: within one size the sweep's longest context moves almost in
+    step with the sum, so per-size ``d`` came out anywhere from -4.7 to +8.6 us per token
+    and extrapolated to serving's contexts by up to 50 %; physically ``d`` is the rate of
+    one program walking one long request, which does not depend on the padding;
+  - a mixed-graph step of padded size ``M``: ``wall - device ops`` ~ ``a_M + b * num_reqs +
+    c * decode_context + e * context before its prefill chunks``, jointly (one ``a`` per
+    size, the slopes shared: serving's mixed steps mostly carry 4-8 decoders, and per-size
+    slopes fitted on a sweep dominated by large batches missed them by 5-15 %);
+  - an eager step: ``wall - device ops`` ~ ``a + d * num_tokens + b * num_reqs +
+    c * decode_context + e * context before its prefill chunks``, one fit.
 
 The wall of a step is from its start to the next step's start (as ``experiments.validate``
 measures real runs), so it includes scheduling, input preparation, the launch or replay, the
@@ -32,31 +39,57 @@ wait for the device, sampling and the engine's update.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-# (requests, shortest prompt, longest prompt, steps per batch size) of each sweep pass.
-# Full passes keep prompts + growth inside the 32768-block (524k-token) pool validation uses.
-FULL_PASSES = [(256, 32, 1024, 3), (256, 800, 2000, 3), (48, 3000, 12000, 4)]
-QUICK_PASSES = [(6, 8, 40, 1), (3, 60, 120, 2)]
-FULL_INJECT_TOKENS = [8, 20, 40, 90, 150, 230, 300, 450, 560, 700, 900, 1150, 1400, 1700, 1950,
-                      2600, 3500, 5000, 7000]
-QUICK_INJECT_TOKENS = [4, 12, 30, 90]
-INJECT_EVERY = 4
+FULL_INJECT_TOKENS = (8, 20, 40, 90, 150, 230, 300, 450, 560, 700, 900, 1150, 1400, 1700, 1950,
+                      2600, 3500, 5000, 7000)
+QUICK_INJECT_TOKENS = (4, 12, 30, 90)
+
+
+@dataclass(frozen=True)
+class SweepPass:
+    """One pass: ``requests`` decoders with prompts of ``shortest..longest`` tokens, the batch
+    shrinking by one every ``steps_per_batch`` steps; a fresh prompt (``inject_tokens`` in turn)
+    before every ``inject_every``-th step; ``max_num_batched_tokens`` (default: the runner's)
+    below a prompt's length makes it arrive in chunks, as with chunked prefill in serving."""
+
+    requests: int
+    shortest: int
+    longest: int
+    steps_per_batch: int
+    inject_every: int = 4
+    inject_tokens: tuple[int, ...] = FULL_INJECT_TOKENS
+    max_num_batched_tokens: int | None = None
+
+
+# Full passes keep prompts + growth inside the 32768-block (524k-token) pool validation uses:
+# every graph size at short, medium and long contexts; then the shapes serving has most of
+# at low load, steps with prefill tokens beside a few decoders (the first three passes only
+# reach those at their very end), whole prompts and chunks of long ones.
+FULL_PASSES = (SweepPass(256, 32, 1024, 3), SweepPass(256, 800, 2000, 3), SweepPass(48, 3000, 12000, 4),
+               SweepPass(16, 64, 3000, 12, inject_every=2),
+               SweepPass(16, 200, 3000, 10, inject_every=8, inject_tokens=(1100, 2000, 3000, 4000),
+                         max_num_batched_tokens=512))
+QUICK_PASSES = (SweepPass(6, 8, 40, 1, inject_tokens=QUICK_INJECT_TOKENS),
+                SweepPass(3, 60, 120, 2, inject_tokens=QUICK_INJECT_TOKENS),
+                SweepPass(2, 8, 40, 2, inject_every=3, inject_tokens=(90,), max_num_batched_tokens=40))
 # Small batches get more steps (at least this many divided by the batch size): serving spends
 # most of its steps at low load there, and one batch size has only a few graph sizes near it.
 SMALL_BATCH_STEPS = 24
-MIN_POINTS_PER_SIZE = 6
 OUTLIER_SIGMAS = 3.5
+MIN_SIGMA_S = 1e-6  # step walls are not steadier than a microsecond
+HUBER_K = 1.345  # the usual Huber constant (95% efficiency on normal noise)
 
 SAMPLE_FIELDS = ("pass_", "num_reqs", "num_tokens", "num_sampling", "num_decode", "decode_context",
                  "prefill_tokens", "prefill_context", "prefill_pairs", "max_decode_context")
 
 
 def measure_step_sweep(backend: Any, quick: bool, log: Callable[[str], None], seed: int = 7,
-                       passes: list[tuple[int, int, int, int]] | None = None) -> dict[str, list[float]]:
+                       passes: Sequence[SweepPass] | None = None) -> dict[str, list[float]]:
     """Run the sweep passes; returns the timed steps as columns (``SAMPLE_FIELDS`` + ``wall_s``)."""
     from core.config import SchedulerConfig
     from core.engine import EngineCore
@@ -68,11 +101,14 @@ def measure_step_sweep(backend: Any, quick: bool, log: Callable[[str], None], se
     rng = np.random.default_rng(seed)
     vocab = runner.config.vocab_size
     pool = runner.num_gpu_blocks * runner.block_size
-    inject = QUICK_INJECT_TOKENS if quick else FULL_INJECT_TOKENS
-    inject = [t for t in inject if t < runner.max_model_len]
     cols: dict[str, list[float]] = {f: [] for f in (*SAMPLE_FIELDS, "wall_s")}
-    for p, (n_req, lo, hi, per) in enumerate(passes or (QUICK_PASSES if quick else FULL_PASSES)):
+    for p, spec in enumerate(passes or (QUICK_PASSES if quick else FULL_PASSES)):
+        n_req, lo, hi, per = spec.requests, spec.shortest, spec.longest, spec.steps_per_batch
         n_req = min(n_req, runner.max_num_seqs)
+        inject = [t for t in spec.inject_tokens if t < runner.max_model_len] or [1]
+        every = spec.inject_every
+        token_budget = min(spec.max_num_batched_tokens or runner.max_num_batched_tokens,
+                           runner.max_num_batched_tokens)
         schedule = [max(per, -(-(1 if quick else SMALL_BATCH_STEPS) // n)) for n in range(n_req, 0, -1)]
         budget = sum(schedule) + 8
         hi = min(hi, runner.max_model_len - budget - 2)
@@ -83,7 +119,7 @@ def measure_step_sweep(backend: Any, quick: bool, log: Callable[[str], None], se
             continue
         t_pass = time.perf_counter()
         engine = EngineCore(SchedulerConfig(max_num_seqs=runner.max_num_seqs,
-                                            max_num_batched_tokens=runner.max_num_batched_tokens,
+                                            max_num_batched_tokens=token_budget,
                                             max_model_len=runner.max_model_len),
                             backend.cache_config, backend, eos_token_id=backend.eos_token_id)
         backend.bind(engine.scheduler.requests)
@@ -97,22 +133,20 @@ def measure_step_sweep(backend: Any, quick: bool, log: Callable[[str], None], se
             engine.step(time.perf_counter() - t0)
         k = 0
         prev: tuple[Any, float] | None = None
+        timed: list[tuple[Any, float]] = []  # (scheduler output, wall): shapes are built after the pass,
+        # so that no bookkeeping of the sweep lands inside the next step's wall
 
         def close(now: float) -> None:
             nonlocal prev
             if prev is not None:
-                shape = BatchShape.from_scheduler_output(prev[0])
-                cols["pass_"].append(p)
-                for f in SAMPLE_FIELDS[1:]:
-                    cols[f].append(getattr(shape, f))
-                cols["wall_s"].append(now - prev[1])
+                timed.append((prev[0], now - prev[1]))
             prev = None
 
         for steps in schedule:
             for _ in range(steps):
-                if k % INJECT_EVERY == INJECT_EVERY - 1:
+                if k % every == every - 1:
                     close(time.perf_counter())
-                    t = inject[(k // INJECT_EVERY) % len(inject)]
+                    t = inject[(k // every) % len(inject)]
                     engine.add_request(Request(f"i{p}-{k}", rng.integers(3, vocab, size=t).tolist(),
                                                SamplingParams(max_tokens=1, ignore_eos=True), arrival_time=0.0))
                 now = time.perf_counter()
@@ -127,21 +161,41 @@ def measure_step_sweep(backend: Any, quick: bool, log: Callable[[str], None], se
             engine.abort_request(decoding[int(rng.integers(len(decoding)))].request_id, time.perf_counter() - t0)
         for rid in list(sched.requests):  # what is left (an injected chunk): not recorded
             engine.abort_request(rid, 0.0)
-        log(f"  sweep pass {p}: {n_req} requests of {lo}..{hi} tokens, {k} steps "
+        for out, wall in timed:
+            shape = BatchShape.from_scheduler_output(out)
+            cols["pass_"].append(p)
+            for f in SAMPLE_FIELDS[1:]:
+                cols[f].append(getattr(shape, f))
+            cols["wall_s"].append(wall)
+        log(f"  sweep pass {p}: {n_req} requests of {lo}..{hi} tokens, {token_budget}-token budget, {k} steps "
             f"({time.perf_counter() - t_pass:.1f} s)")
     return cols
 
 
 # --- fits (numpy only) -------------------------------------------------------------------
 def robust_lstsq(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, int]:
-    """Least squares, then once more without the points beyond ``OUTLIER_SIGMAS`` robust sigmas
-    (1.4826 x the median absolute residual): a step hit by a host hiccup must not tilt a line.
+    """A step hit by a host hiccup must not tilt a line: Huber-weighted least squares (iterated
+    reweighting), then one plain fit without the points beyond ``OUTLIER_SIGMAS`` robust sigmas
+    (1.4826 x the median absolute residual, at least ``MIN_SIGMA_S``) of the Huber fit.
+    Why not trim from a plain first fit: outliers tilt that fit, so good points of a size with
+    few steps can be trimmed instead, leaving that size's line underdetermined.
     Returns (coefficients, points kept)."""
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    res = y - design @ coef
-    sigma = 1.4826 * float(np.median(np.abs(res - np.median(res))))
-    keep = np.abs(res) <= OUTLIER_SIGMAS * sigma if sigma > 0 else np.ones(len(y), bool)
-    if keep.sum() >= design.shape[1] and not keep.all():
+    def spread(res: np.ndarray) -> float:
+        return max(1.4826 * float(np.median(np.abs(res - np.median(res)))), MIN_SIGMA_S)
+
+    w = np.ones(len(y))
+    coef = np.zeros(design.shape[1])
+    for _ in range(20):
+        sw = np.sqrt(w)
+        coef, *_ = np.linalg.lstsq(design * sw[:, None], y * sw, rcond=None)
+        res = y - design @ coef
+        k = HUBER_K * spread(res)
+        new = np.minimum(1.0, k / np.maximum(np.abs(res), 1e-300))
+        if np.allclose(new, w, rtol=1e-6, atol=1e-9):
+            break
+        w = new
+    keep = np.abs(res) <= OUTLIER_SIGMAS * spread(res)
+    if keep.sum() >= design.shape[1]:
         coef, *_ = np.linalg.lstsq(design[keep], y[keep], rcond=None)
     return coef, int(keep.sum())
 
@@ -183,36 +237,22 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
         groups.setdefault((kind, size), []).append((shape, float(wall), dev))
     fits: dict[str, Any] = {}
     summary: dict[str, Any] = {}
-
-    def solve(rows: list[tuple[Any, float, float]], terms: Callable[[Any], list[float]]) -> tuple[list[float], int]:
-        design = np.array([[1.0, *terms(s)] for s, _, _ in rows])
-        y = np.array([w - d for _, w, d in rows])
-        coef, kept = robust_lstsq(design, y)
-        return [float(c) for c in coef], kept
-
+    split_max = int(profile["attn_decode"].get("split_max_batch", 0))
     graph = sorted((size, rows) for (kind, size), rows in groups.items() if kind == "graph")
     if graph:
-        fits["graph_decode"] = {"graph_size": [], "coef": [], "points": []}
-        for size, rows in graph:
-            coef, kept = solve(rows, lambda s: [s.num_reqs, s.decode_context, s.max_decode_context])
-            fits["graph_decode"]["graph_size"].append(size)
-            fits["graph_decode"]["coef"].append(coef)
-            fits["graph_decode"]["points"].append(kept)
+        fits["graph_decode"] = joint_fit(
+            graph, lambda s: [1.0, s.num_reqs, s.decode_context],
+            lambda size, s: [s.max_decode_context, 0.0] if size <= split_max else [0.0, s.max_decode_context],
+            lambda size, shared: [shared[0] if size <= split_max else shared[1]])
     mixed = sorted((size, rows) for (kind, size), rows in groups.items() if kind == "mixed")
     if mixed:
-        every = [r for _, rows in mixed for r in rows]
-        shared, kept_all = solve(every, lambda s: [s.num_reqs, s.decode_context, s.num_tokens])
-        fits["mixed_graph"] = {"graph_size": [], "coef": [], "points": [], "shared_coef": shared}
-        for size, rows in mixed:
-            if len(rows) >= MIN_POINTS_PER_SIZE:
-                coef, kept = solve(rows, lambda s: [s.num_reqs, s.decode_context])
-                fits["mixed_graph"]["graph_size"].append(size)
-                fits["mixed_graph"]["coef"].append(coef)
-                fits["mixed_graph"]["points"].append(kept)
+        fits["mixed_graph"] = joint_fit(mixed, lambda s: [1.0], lambda size, s: _shared_terms(s),
+                                        lambda size, shared: shared)
     eager = groups.get(("eager", 0), [])
-    if len(eager) >= 5:
-        coef, kept = solve(eager, lambda s: [s.num_reqs, s.decode_context, s.num_tokens])
-        fits["eager"] = {"coef": coef, "points": kept}
+    if len(eager) >= 8:
+        fits["eager"] = joint_fit([(0, eager)], lambda s: [1.0, s.num_tokens], lambda size, s: _shared_terms(s),
+                                  lambda size, shared: shared)
+        fits["eager"] = {"coef": fits["eager"]["coef"][0], "points": fits["eager"]["points"][0]}
     model = CalibratedCostModel({**profile, "step_fits": fits})
     for (kind, size), rows in sorted(groups.items()):
         err = [abs(model.step_time(s).total - w) / w for s, w, _ in rows]
@@ -221,6 +261,37 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
         summary[kind]["n"].append(len(rows))
         summary[kind]["median_abs_rel_err"].append(round(float(np.median(err)), 4))
     return fits, summary
+
+
+def _shared_terms(s: Any) -> list[float]:
+    """Per request, per decode-context token, per token of context before the prefill chunks."""
+    return [s.num_reqs, s.decode_context, s.prefill_context - s.prefill_tokens]
+
+
+def joint_fit(groups: list[tuple[int, list[tuple[Any, float, float]]]], own: Callable[[Any], list[float]],
+              shared: Callable[[int, Any], list[float]],
+              shared_coef: Callable[[int, list[float]], list[float]]) -> dict[str, Any]:
+    """``wall - device`` ~ ``own(shape)`` with coefficients of its own per size, plus
+    ``shared(size, shape)`` with coefficients common to all sizes, in one least-squares fit.
+    Each size's coefficient list is its own ones followed by ``shared_coef(size, shared)``.
+    Why shared terms: a per-size slope fitted from a few dozen steps whose contexts move together
+    extrapolates wildly (see the module docstring); a slope that physics says is the same for
+    every size is better measured once, from all of them."""
+    num_own = len(own(groups[0][1][0][0]))
+    num_shared = len(shared(groups[0][0], groups[0][1][0][0]))
+    rows = [(i, size, r) for i, (size, rs) in enumerate(groups) for r in rs]
+    design = np.zeros((len(rows), num_own * len(groups) + num_shared))
+    y = np.empty(len(rows))
+    for k, (i, size, (shape, wall, dev)) in enumerate(rows):
+        design[k, num_own * i:num_own * (i + 1)] = own(shape)
+        design[k, num_own * len(groups):] = shared(size, shape)
+        y[k] = wall - dev
+    coef, _ = robust_lstsq(design, y)
+    common = [float(c) for c in coef[num_own * len(groups):]]
+    return {"graph_size": [size for size, _ in groups],
+            "coef": [[float(c) for c in coef[num_own * i:num_own * (i + 1)]] + shared_coef(size, common)
+                     for i, (size, _) in enumerate(groups)],
+            "points": [len(rs) for _, rs in groups]}
 
 
 def samples_columns(cols: dict[str, list[float]]) -> dict[str, list[float]]:

@@ -80,12 +80,12 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   size. ``graph_decode`` ({"graph_size": [...], "coef": [[a, b, c, d], ...]}): a graph decode
   step of padded size G costs its non-attention device ops plus ``a + b * num_reqs`` (its
   ``cpu_overhead``) plus ``c * sum_context + d * max_context`` (its ``attn_decode``);
-  ``mixed_graph`` ({"graph_size", "coef": [[a, b, c], ...], "shared_coef": [a, b, c, e]}): a
-  mixed-graph step of padded size M costs its device ops plus ``a + b * num_reqs + c *
-  decode_context`` (``+ e * num_tokens`` with the shared fit, for sizes without their own);
-  ``eager`` ({"coef": [a, b, c, e]}): an eager step costs its device ops plus ``a + b *
-  num_reqs + c * decode_context + e * num_tokens``, which replaces the launch floor, the
-  ``eager_s`` term and the switch penalties. A size without a fit keeps the terms above.
+  ``mixed_graph`` ({"graph_size", "coef": [[a, b, c, e], ...]}): a mixed-graph step of padded
+  size M costs its device ops plus ``a + b * num_reqs + c * decode_context + e * (context
+  before its prefill chunks)`` (a size without its own line takes the nearest measured one);
+  ``eager`` ({"coef": [a, d, b, c, e]}): an eager step costs its device ops plus ``a + d *
+  num_tokens`` and the same three terms, which replaces the launch floor, the ``eager_s``
+  term and the switch penalties. A graph size without a fit keeps the terms above.
 """
 from __future__ import annotations
 
@@ -264,9 +264,9 @@ class CalibratedCostModel(CostModel):
         gd, md, ea = fits.get("graph_decode"), fits.get("mixed_graph"), fits.get("eager")
         self._graph_fit = ({int(g): tuple(float(x) for x in c) for g, c in zip(gd["graph_size"], gd["coef"])}
                            if gd else {})
-        self._mixed_fit = ({int(m): tuple(float(x) for x in c) for m, c in zip(md["graph_size"], md["coef"])}
-                           if md else {})
-        self._mixed_shared = tuple(float(x) for x in md["shared_coef"]) if md else None
+        measured = {int(m): tuple(float(x) for x in c) for m, c in zip(md["graph_size"], md["coef"])} if md else {}
+        self._mixed_fit = {m: measured[min(measured, key=lambda x: (abs(x - m), x))]
+                           for m in self.mixed_graph_sizes} if measured else {}
         self._eager_fit = tuple(float(x) for x in ea["coef"]) if ea else None
 
     def note_idle(self, seconds: float) -> None:
@@ -319,18 +319,16 @@ class CalibratedCostModel(CostModel):
         device = sum(breakdown.values())
         if graph:
             cpu = self.graph_overhead + self.cpu_per_request * batch.num_reqs
-        elif mixed and self._mixed_shared is not None:
-            c = self._mixed_fit.get(t)
-            if c is not None:
-                cpu = c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context
-            else:
-                c = self._mixed_shared
-                cpu = c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context + c[3] * batch.num_tokens
+        elif mixed and self._mixed_fit:
+            c = self._mixed_fit[t]
+            cpu = (c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context
+                   + c[3] * (batch.prefill_context - batch.prefill_tokens))
         elif mixed:
             cpu = self.mixed_graph_overhead + self.cpu_per_request * batch.num_reqs
         elif self._eager_fit is not None:
             c = self._eager_fit
-            cpu = c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context + c[3] * batch.num_tokens
+            cpu = (c[0] + c[1] * batch.num_tokens + c[2] * batch.num_reqs + c[3] * batch.decode_context
+                   + c[4] * (batch.prefill_context - batch.prefill_tokens))
         else:
             cpu = self.eager_overhead + self.cpu_per_request * (batch.num_reqs - self.eager_ref_reqs)
             if self._eager_floor is not None:
