@@ -47,6 +47,12 @@ def test_committed_profile_plugs_into_make_cost_model(path: Path) -> None:
     cpu = cm.step_time(BatchShape.decode(8, 8 * 300)).breakdown["cpu_overhead"]
     if cm.version == 1:
         assert cpu == cm.graph_overhead
+    elif "step_fits" in profile:  # fitted whole graph steps: host time and longest-context slope per size
+        a, per_req, _, per_max = cm._graph_fit[8]
+        assert cpu == pytest.approx(a + 8 * per_req)
+        longer = cm.step_time(BatchShape.decode(64, 64 * 1000, 8000)).total
+        assert longer == pytest.approx(cm.step_time(BatchShape.decode(64, 64 * 1000)).total
+                                       + cm._graph_fit[64][3] * (8000 - 1000))
     else:  # v2: the per-request host time is explicit
         assert cpu == pytest.approx(cm.graph_overhead + 8 * cm.cpu_per_request)
         # the longest context matters above the split-K graphs, not below
