@@ -1,210 +1,385 @@
 """KV cache blocks, their free queue and the prefix-cache index.
 
-Design (vLLM v1's, re-derived): every block lives in one pool. A block with ref_cnt 0 sits
-in the free queue but keeps its content hash, so a later request can still hit it (lazy
-eviction); it is evicted only when ``get_new_blocks`` pops it for reuse. The free queue is
-a doubly linked list so a hit can pull a block out of the middle in O(1), and its order is
-the LRU order: freed blocks go to the tail, allocation takes from the head.
+Design (vLLM v1's, re-derived): every block lives in one pool. A block with ref count 0
+sits in the free queue but keeps its content hash, so a later request can still hit it
+(lazy eviction); it is evicted only when ``get_new_blocks`` takes it for reuse. The free
+queue's order is the LRU order: freed blocks join the tail, allocation takes from the head,
+and a prefix hit can pull a free block out of the middle.
+
+Blocks are ids (``0..num_blocks-1``), and their state lives in numpy arrays
+(``ref_cnt``, ``block_hash``) rather than one Python object per block. The reason is
+speed: a simulation takes, registers and frees ~1M blocks, dozens at a time (a prompt's
+blocks at admission, a finished request's at release). With arrays each of those is a
+handful of C-level bulk operations per request instead of a Python loop per block. The
+prefix index is lazy per chain for the same reason (see ``BlockPool``).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from collections import deque
+from collections.abc import Sequence
+from itertools import compress, repeat
 
+import numpy as np
 
-class KVCacheBlock:
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
-
-    def __init__(self, block_id: int) -> None:
-        self.block_id = block_id
-        self.ref_cnt = 0
-        self.block_hash: int | None = None
-        self.prev: KVCacheBlock | None = None
-        self.next: KVCacheBlock | None = None
-
-    def __repr__(self) -> str:
-        return f"KVCacheBlock(id={self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+#: ``block_hash`` of a block that holds no registered content. Python's ``hash`` never
+#: returns -1 (CPython reserves it for errors), so no real hash collides with it.
+NO_HASH = -1
 
 
 class FreeBlockQueue:
-    """Doubly linked list of free blocks with sentinels; O(1) popleft, append and remove."""
+    """The LRU queue of free block ids: O(1) amortized take-from-head, append and remove.
 
-    def __init__(self, blocks: list[KVCacheBlock]) -> None:
-        self._head = KVCacheBlock(-1)
-        self._tail = KVCacheBlock(-1)
-        self._head.next = self._tail
-        self._tail.prev = self._head
-        self.num_free_blocks = 0
-        for b in blocks:
-            self.append(b)
+    An append-only array of entries with a head index (C-level slices take and append runs
+    of blocks); ``_pos[b]`` is the index of block ``b``'s live entry, -1 while it is in use.
+    Removing a block from the middle (a prefix hit on a free block) leaves a dead entry
+    that the head skips later; the array is compacted when it fills up.
+    """
 
-    def popleft(self) -> KVCacheBlock:
-        block = self._head.next
-        if block is self._tail:
+    def __init__(self, num_blocks: int) -> None:
+        self._cap = 2 * num_blocks + 16
+        self._q = np.empty(self._cap, dtype=np.int64)
+        self._q[:num_blocks] = np.arange(num_blocks)
+        self._pos = np.arange(num_blocks, dtype=np.int64)
+        self._head = 0
+        self._len = num_blocks
+        self._dead: list[int] = []  # heap of dead entry positions at or after the head
+        self.num_free_blocks = num_blocks
+
+    def popleft_n(self, n: int) -> np.ndarray:
+        """Take the ``n`` least recently freed blocks (the caller checked ``n`` <= free)."""
+        head = self._head
+        end = head + n
+        dead = self._dead
+        if dead and dead[0] < end:
+            while dead and dead[0] < end:  # each dead entry in the run lengthens it by one
+                heapq.heappop(dead)
+                end += 1
+            chunk = self._q[head:end]
+            ids = chunk[self._pos[chunk] == np.arange(head, end)]
+        else:
+            ids = self._q[head:end].copy()
+        self._pos[ids] = -1
+        self._head = end
+        self.num_free_blocks -= n
+        return ids
+
+    def popleft(self) -> int:
+        if not self.num_free_blocks:
             raise RuntimeError("FreeBlockQueue.popleft on an empty queue")
-        self.remove(block)
+        q, pos, dead = self._q, self._pos, self._dead
+        head = self._head
+        while dead and dead[0] == head:
+            heapq.heappop(dead)
+            head += 1
+        block = q.item(head)
+        pos[block] = -1
+        self._head = head + 1
+        self.num_free_blocks -= 1
         return block
 
-    def remove(self, block: KVCacheBlock) -> None:
-        prev, nxt = block.prev, block.next
-        if prev is None or nxt is None:
-            raise RuntimeError(f"{block} is not in the free queue")
-        prev.next = nxt
-        nxt.prev = prev
-        block.prev = block.next = None
+    def append_n(self, ids: np.ndarray) -> None:
+        """Append blocks (an int64 array, in order) to the tail; they must not be queued."""
+        n = len(ids)
+        if self._len + n > self._cap:
+            self._compact(n)
+        start = self._len
+        self._q[start:start + n] = ids
+        self._pos[ids] = np.arange(start, start + n)
+        self._len = start + n
+        self.num_free_blocks += n
+
+    def remove(self, block: int) -> None:
+        p = self._pos.item(block)
+        if p < 0:
+            raise RuntimeError(f"block {block} is not in the free queue")
+        self._pos[block] = -1
+        heapq.heappush(self._dead, p)
         self.num_free_blocks -= 1
 
-    def append(self, block: KVCacheBlock) -> None:
-        if block.prev is not None or block.next is not None:
-            raise RuntimeError(f"{block} is already in the free queue")
-        last = self._tail.prev
-        last.next = block
-        block.prev = last
-        block.next = self._tail
-        self._tail.prev = block
-        self.num_free_blocks += 1
+    def contains(self, block: int) -> bool:
+        return self._pos.item(block) >= 0
+
+    def _compact(self, extra: int) -> None:
+        """Move the live entries to the front (dropping dead ones); grow if still too small."""
+        live = self._live()
+        m = len(live)
+        if m + extra > self._cap:
+            self._cap = 2 * (m + extra)
+            self._q = np.empty(self._cap, dtype=np.int64)
+        self._q[:m] = live
+        self._pos[live] = np.arange(m)
+        self._head, self._len = 0, m
+        self._dead = []
+
+    def _live(self) -> np.ndarray:
+        chunk = self._q[self._head:self._len]
+        return chunk[self._pos[chunk] == np.arange(self._head, self._len)]
 
     def block_ids(self) -> list[int]:
         """Free block ids from head (next to be reused) to tail; for tests and debugging."""
-        out, b = [], self._head.next
-        while b is not self._tail:
-            out.append(b.block_id)
-            b = b.next
-        return out
+        return self._live().tolist()
+
+
+#: ``BlockPool._roots`` value of a root whose entries are in the eager index.
+EAGER = -1
+
+
+class ChainRun:
+    """One request's registered chain (one allocation of its blocks: admission to free).
+
+    ``blocks`` and ``hashes`` are the request's own lists (block ids and chained hashes by
+    position, both only ever appended to); positions ``[0, num_blocks)`` are registered.
+    While ``eager`` is False the run's entries are not in the index but implied: position
+    ``j`` is cached while ``run_of[blocks[j]] == run_id`` (see ``BlockPool``).
+    """
+
+    __slots__ = ("run_id", "blocks", "hashes", "num_blocks", "eager")
+
+    def __init__(self, run_id: int, blocks: list[int], hashes: list[int], eager: bool) -> None:
+        self.run_id = run_id
+        self.blocks = blocks
+        self.hashes = hashes
+        self.num_blocks = 0
+        self.eager = eager
 
 
 class BlockPool:
-    """All GPU KV blocks, the free queue and the hash -> block index of cached blocks."""
+    """All GPU KV blocks: ref counts, content hashes, the free queue and the prefix index.
+
+    The prefix index is exact (vLLM's semantics: hash -> the first block registered with it
+    that is still cached; a later duplicate is never indexed; evicting the owner drops the
+    entry) but built lazily. Chained hashes mean every block of a chain shares its first
+    block's hash, the *root*, and every lookup walks a chain from its root. A root that only
+    one request allocation has registered (a *lazy* ``ChainRun``: the common case of a prompt
+    nobody shares) costs one ``_roots`` entry: its blocks are marked with ``run_of`` (a bulk
+    numpy write), with no per-block dict insert or delete. The first time anyone else looks
+    the root up or registers it, the run is *materialized*: its blocks still cached go into
+    ``cached_block_hash_to_block`` (the eager index) and the root is eager from then on.
+    That is exact because within one run each hash was registered once, so "still cached"
+    is all the eager index would have recorded.
+    """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
         if num_blocks < 1:
             raise ValueError(f"BlockPool.num_blocks must be >= 1, got {num_blocks!r}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.free_block_queue = FreeBlockQueue(self.blocks)
-        self.cached_block_hash_to_block: dict[int, KVCacheBlock] = {}
+        self.ref_cnt = np.zeros(num_blocks, dtype=np.int64)
+        self.block_hash = np.full(num_blocks, NO_HASH, dtype=np.int64)
+        self.run_of = np.full(num_blocks, -1, dtype=np.int64)  # lazy run holding the block's hash, or -1
+        self.free_block_queue = FreeBlockQueue(num_blocks)
+        self.cached_block_hash_to_block: dict[int, int] = {}  # the eager index: hash -> block id
+        self._roots: dict[int, int] = {}  # root hash -> lazy run id, or EAGER
+        self._runs: dict[int, ChainRun] = {}  # lazy runs by id
+        self._next_run_id = 0
+        self._prune_at = 1024
         self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
         return self.free_block_queue.num_free_blocks
 
-    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
-        return self.cached_block_hash_to_block.get(block_hash)
-
-    def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
+    # --- allocation --------------------------------------------------------------------
+    def get_new_blocks(self, n: int) -> list[int]:
         """Take ``n`` blocks from the LRU head, evicting their cached hashes."""
         queue = self.free_block_queue
         if n > queue.num_free_blocks:
-            raise RuntimeError(f"cannot get {n} blocks: only {self.num_free_blocks} free")
-        pop = self.cached_block_hash_to_block.pop
-        evicted = 0
-        out = []
-        append = out.append
-        head = queue._head
-        block = head.next
-        for _ in range(n):  # FreeBlockQueue.popleft_n and _drop_hash, inlined: admission takes dozens
-            append(block)
-            h = block.block_hash
-            if h is not None:
-                owner = pop(h, None)  # one lookup: the block almost always owns its entry
-                if owner is not block and owner is not None:
-                    self.cached_block_hash_to_block[h] = owner  # a duplicate: the entry stays the owner's
-                block.block_hash = None
-                evicted += 1
-            block.ref_cnt = 1
-            nxt = block.next
-            block.prev = block.next = None
-            block = nxt
-        head.next = block
-        block.prev = head
-        queue.num_free_blocks -= n
-        self.num_evictions += evicted
-        return out
+            raise RuntimeError(f"cannot get {n} blocks: only {queue.num_free_blocks} free")
+        ids = queue.popleft_n(n)
+        bh = self.block_hash
+        hashes = bh[ids]
+        cached = hashes != NO_HASH
+        if cached.any():
+            evicted = ids[cached]
+            self._evict(evicted, hashes[cached])
+            self.num_evictions += len(evicted)
+        self.ref_cnt[ids] = 1
+        return ids.tolist()
 
-    def get_new_block(self) -> KVCacheBlock:
+    def _evict(self, blocks: np.ndarray, hashes: np.ndarray) -> None:
+        """Forget the hashes of ``blocks``: lazy runs lose them, eager owners drop their entries."""
+        run_of = self.run_of
+        bh = self.block_hash
+        bh[blocks] = NO_HASH
+        lazy = run_of[blocks] >= 0
+        if lazy.all():
+            run_of[blocks] = -1
+            return
+        eager = ~lazy
+        run_of[blocks[lazy]] = -1
+        index = self.cached_block_hash_to_block
+        eager_blocks = blocks[eager].tolist()
+        eager_hashes = hashes[eager].tolist()
+        owners = list(map(index.pop, eager_hashes, repeat(None)))  # C-level: blocks almost always own theirs
+        if owners != eager_blocks:
+            for owner, h in zip(owners, eager_hashes):
+                if owner is not None and bh.item(owner) == h:
+                    index[h] = owner  # a duplicate was evicted: the entry stays its (surviving) owner's
+
+    def get_new_block(self) -> int:
         """``get_new_blocks(1)[0]`` in one call: a decoding request takes one block at a time."""
         queue = self.free_block_queue
-        head = queue._head
-        block = head.next
-        if block is queue._tail:
+        if not queue.num_free_blocks:
             raise RuntimeError("cannot get a block: none free")
-        nxt = block.next
-        head.next = nxt
-        nxt.prev = head
-        block.prev = block.next = None
-        queue.num_free_blocks -= 1
-        h = block.block_hash
-        if h is not None:
-            index = self.cached_block_hash_to_block
-            if index.get(h) is block:
-                del index[h]
-            block.block_hash = None
+        block = queue.popleft()
+        h = self.block_hash.item(block)
+        if h != NO_HASH:
+            if self.run_of.item(block) >= 0:
+                self.run_of[block] = -1
+            else:
+                index = self.cached_block_hash_to_block
+                if index.get(h) == block:
+                    del index[h]
+            self.block_hash[block] = NO_HASH
             self.num_evictions += 1
-        block.ref_cnt = 1
+        self.ref_cnt[block] = 1
         return block
 
-    def _drop_hash(self, block: KVCacheBlock) -> None:
-        if self.cached_block_hash_to_block.get(block.block_hash) is block:
-            del self.cached_block_hash_to_block[block.block_hash]
-        block.block_hash = None
+    # --- prefix cache ------------------------------------------------------------------
+    def begin_run(self, blocks: list[int], hashes: list[int]) -> ChainRun:
+        """Start registering a request's chain (``blocks[0]`` under ``hashes[0]`` comes first).
 
-    def cache_block(self, block: KVCacheBlock, block_hash: int) -> None:
-        """Register a full block under its chained hash (first writer wins on duplicates)."""
-        if block.block_hash is not None:
+        Lazy if its root is new to the index; eager if anyone else's blocks are cached under it.
+        """
+        root = hashes[0]
+        known = self._roots.get(root)
+        if known is not None and known != EAGER and not self._materialize(known):
+            known = None  # the other run is fully evicted: the root is new again
+        run = ChainRun(self._next_run_id, blocks, hashes, eager=known is not None)
+        self._next_run_id += 1
+        if not run.eager:
+            if len(self._runs) >= self._prune_at:  # before adding the run: it has no cached block yet
+                self._prune_runs()
+            self._roots[root] = run.run_id
+            self._runs[run.run_id] = run
+        return run
+
+    def cache_blocks(self, run: ChainRun, start: int, stop: int) -> None:
+        """Register positions ``[start, stop)`` of ``run`` (first writer wins on duplicates).
+
+        A block keeps the hash it was first registered with until it is evicted.
+        """
+        idx = np.array(run.blocks[start:stop], dtype=np.int64)
+        hashes = run.hashes[start:stop]
+        bh = self.block_hash
+        if not run.eager:
+            bh[idx] = hashes
+            self.run_of[idx] = run.run_id
+            run.num_blocks = stop
             return
-        block.block_hash = block_hash
-        self.cached_block_hash_to_block.setdefault(block_hash, block)
+        fresh = bh[idx] == NO_HASH
+        blocks = run.blocks[start:stop]
+        if not fresh.all():  # prefix hits, already registered: they keep their hash
+            keep = fresh.tolist()
+            idx = idx[fresh]
+            blocks = list(compress(blocks, keep))
+            hashes = list(compress(hashes, keep))
+        bh[idx] = hashes
+        deque(map(self.cached_block_hash_to_block.setdefault, hashes, blocks), 0)  # setdefault per pair, in C
+        run.num_blocks = stop
 
-    def touch(self, blocks: list[KVCacheBlock]) -> None:
+    def cache_block(self, run: ChainRun, i: int) -> None:
+        """``cache_blocks(run, i, i + 1)`` for one block (a decoding request fills one at a time)."""
+        block = run.blocks[i]
+        h = run.hashes[i]
+        bh = self.block_hash
+        run.num_blocks = i + 1
+        if not run.eager:
+            bh[block] = h
+            self.run_of[block] = run.run_id
+        elif bh.item(block) == NO_HASH:
+            bh[block] = h
+            self.cached_block_hash_to_block.setdefault(h, block)
+
+    def find_cached_prefix(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
+        """Blocks cached under ``hashes[:max_blocks]``, up to the first miss (a chain from its root)."""
+        if max_blocks <= 0 or not self.root_cached(hashes[0]):
+            return []
+        get = self.cached_block_hash_to_block.get
+        hit: list[int] = []
+        for h in hashes[:max_blocks]:
+            block = get(h)
+            if block is None:
+                break
+            hit.append(block)
+        return hit
+
+    def root_cached(self, root: int) -> bool:
+        """Whether any block of a chain with this root may be cached; makes the root eager, so
+        ``cached_block_hash_to_block`` answers exactly for the chain's hashes afterwards."""
+        known = self._roots.get(root)
+        if known is None:
+            return False
+        return known == EAGER or self._materialize(known)
+
+    def _materialize(self, run_id: int) -> bool:
+        """Move a lazy run's cached blocks into the eager index; False if none is cached."""
+        run = self._runs.pop(run_id)
+        run.eager = True
+        n = run.num_blocks
+        idx = np.array(run.blocks[:n], dtype=np.int64)
+        live = self.run_of[idx] == run_id
+        root = run.hashes[0]
+        if not live.any():
+            del self._roots[root]
+            return False
+        self._roots[root] = EAGER
+        self.run_of[idx[live]] = -1
+        keep = live.tolist()
+        self.cached_block_hash_to_block.update(zip(compress(run.hashes[:n], keep), compress(run.blocks[:n], keep)))
+        return True
+
+    def _prune_runs(self) -> None:
+        """Forget lazy runs none of whose blocks is cached any more (they index nothing)."""
+        run_of = self.run_of
+        live = set(np.unique(run_of[run_of >= 0]).tolist())
+        for run_id in [r for r in self._runs if r not in live]:
+            run = self._runs.pop(run_id)
+            del self._roots[run.hashes[0]]
+        self._prune_at = 2 * len(self._runs) + 1024
+
+    def cached_blocks(self) -> dict[int, int]:
+        """Every cached hash -> block, as the eager index would hold it; for tests and debugging."""
+        out = dict(self.cached_block_hash_to_block)
+        run_of = self.run_of
+        for run in self._runs.values():
+            for b, h in zip(run.blocks[:run.num_blocks], run.hashes):
+                if run_of.item(b) == run.run_id:
+                    out[h] = b
+        return out
+
+    def touch(self, blocks: Sequence[int]) -> None:
         """Take a reference on prefix-hit blocks, pulling free ones out of the queue."""
+        ref = self.ref_cnt
         remove = self.free_block_queue.remove
         for block in blocks:
-            if block.ref_cnt == 0:
+            if not ref.item(block):
                 remove(block)
-            block.ref_cnt += 1
+        ref[np.array(blocks, dtype=np.int64)] += 1
 
-    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+    def free_blocks(self, ordered_blocks: Sequence[int]) -> None:
         """Drop one reference from each block; blocks reaching 0 join the queue tail in order.
 
         Callers pass a request's blocks tail first, so a request's last blocks are evicted
-        before its (more shareable) first blocks.
+        before its (more shareable) first blocks. A block may appear once per call.
         """
-        queue = self.free_block_queue
-        tail = queue._tail
-        last = tail.prev
-        added = 0
-        try:
-            for block in ordered_blocks:  # FreeBlockQueue.append, inlined: a finishing request frees dozens
-                ref = block.ref_cnt - 1
-                if ref:  # still shared, or a double free
-                    if ref < 0:
-                        raise RuntimeError(f"double free of {block}")
-                    block.ref_cnt = ref
-                    continue
-                if block.prev is not None:  # queued blocks are always linked (the head is a sentinel)
-                    raise RuntimeError(f"{block} is already in the free queue")
-                block.ref_cnt = 0
-                last.next = block
-                block.prev = last
-                last = block
-                added += 1
-        finally:  # the blocks before a bad one stay freed, the list stays closed
-            last.next = tail
-            tail.prev = last
-            queue.num_free_blocks += added
+        idx = np.array(ordered_blocks, dtype=np.int64)
+        ref = self.ref_cnt[idx] - 1
+        if (ref < 0).any():
+            raise RuntimeError(f"double free of block {int(idx[ref < 0][0])}")
+        self.ref_cnt[idx] = ref
+        self.free_block_queue.append_n(idx[ref == 0])
 
     def reset_prefix_cache(self) -> int:
         """Forget the hashes of all free blocks; returns how many were dropped.
 
         Blocks held by live requests keep their hashes (their content is still valid).
         """
-        dropped = 0
-        for block in self.blocks:
-            if block.ref_cnt == 0 and block.block_hash is not None:
-                self._drop_hash(block)
-                dropped += 1
-        return dropped
+        drop = np.flatnonzero((self.ref_cnt == 0) & (self.block_hash != NO_HASH))
+        if len(drop):
+            self._evict(drop, self.block_hash[drop])
+        return len(drop)
 
     def usage(self) -> float:
         return 1.0 - self.free_block_queue.num_free_blocks / self.num_blocks

@@ -8,7 +8,7 @@ equal too.
 """
 from __future__ import annotations
 
-from core.block_pool import BlockPool, HostBlockPool, KVCacheBlock
+from core.block_pool import BlockPool, ChainRun, HostBlockPool
 from core.request import Request
 
 
@@ -24,9 +24,10 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_gpu_blocks, enable_prefix_caching)
         self.host_pool = HostBlockPool(num_cpu_blocks)
-        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # Each request's block ids in position order (the block table the backend reads).
         self.req_to_block_ids: dict[str, list[int]] = {}
         self.num_cached_blocks: dict[str, int] = {}
+        self.req_to_run: dict[str, ChainRun] = {}  # each request's registered chain (prefix caching)
         # Prefix-cache statistics in tokens. Hits of a request re-admitted after a
         # recompute preemption are kept apart: they are recovered work, not reuse.
         self.prefix_query_tokens = 0
@@ -65,7 +66,7 @@ class KVCacheManager:
         hashes.extend([parent := hash((parent, block, salt)) for block in zip(*[it] * bs)])
         return hashes
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest cached prefix of the request, in whole blocks, never covering its last token.
 
         The last token must be computed so that the step produces logits to sample from.
@@ -74,13 +75,7 @@ class KVCacheManager:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self._request_block_hashes(request, max_blocks)
-        get = self.block_pool.cached_block_hash_to_block.get
-        hit: list[KVCacheBlock] = []
-        for i in range(max_blocks):
-            block = get(hashes[i])
-            if block is None:
-                break
-            hit.append(block)
+        hit = self.block_pool.find_cached_prefix(hashes, max_blocks)
         return hit, len(hit) * self.block_size
 
     def cached_prefix_tokens(self, token_ids: list[int], cache_salt: object = None) -> int:
@@ -88,12 +83,13 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        get = self.block_pool.cached_block_hash_to_block.get
+        pool = self.block_pool
+        get = pool.cached_block_hash_to_block.get
         parent = None
         n = 0
         for i in range((len(token_ids) - 1) // bs):
             parent = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs]), cache_salt))
-            if get(parent) is None:
+            if (not pool.root_cached(parent)) if i == 0 else get(parent) is None:
                 break
             n += bs
         return n
@@ -110,7 +106,7 @@ class KVCacheManager:
 
     # --- allocation ------------------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] | None = None,
+                       new_computed_blocks: list[int] | None = None,
                        num_lookahead_tokens: int = 0, reserve_tokens: int = 0,
                        watermark_blocks: int = 0) -> list[int] | None:
         """Make room for ``num_new_tokens`` more tokens of ``request``.
@@ -123,10 +119,9 @@ class KVCacheManager:
         on ``None`` nothing changed.
         """
         rid = request.request_id
-        blocks = self.req_to_blocks.get(rid)
+        blocks = self.req_to_block_ids.get(rid)
         if blocks is None:
-            blocks = self.req_to_blocks[rid] = []
-            self.req_to_block_ids[rid] = []
+            blocks = self.req_to_block_ids[rid] = []
             self.num_cached_blocks[rid] = 0
         computed = new_computed_blocks or ()
         num_computed = request.num_computed_tokens + len(computed) * self.block_size
@@ -137,23 +132,20 @@ class KVCacheManager:
         pool = self.block_pool
         free = pool.free_block_queue.num_free_blocks
         if computed:
-            free -= sum(1 for b in computed if b.ref_cnt == 0)
+            ref = pool.ref_cnt
+            free -= sum(1 for b in computed if not ref.item(b))
         if num_new_blocks > free - watermark_blocks:
             if not blocks:
                 self._drop(rid)
             return None
-        ids = self.req_to_block_ids[rid]
         if computed:
             pool.touch(computed)
             blocks.extend(computed)
-            ids.extend([b.block_id for b in computed])
         if num_new_blocks > 0:
-            new = pool.get_new_blocks(num_new_blocks)
-            blocks.extend(new)
-            ids.extend([b.block_id for b in new])
+            blocks.extend(pool.get_new_blocks(num_new_blocks))
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
-        return ids
+        return blocks
 
     def append_decode_slot(self, request: Request) -> bool:
         """Fast path of ``allocate_slots(request, 1)`` for a decoding request; False if no block is free.
@@ -163,47 +155,48 @@ class KVCacheManager:
         """
         rid = request.request_id
         c = request.num_computed_tokens
-        blocks = self.req_to_blocks[rid]
+        blocks = self.req_to_block_ids[rid]
         if c >= len(blocks) * self.block_size:
             if not self.block_pool.free_block_queue.num_free_blocks:
                 return False
-            block = self.block_pool.get_new_block()
-            blocks.append(block)
-            self.req_to_block_ids[rid].append(block.block_id)
+            blocks.append(self.block_pool.get_new_block())
         if self.enable_prefix_caching and (c + 1) % self.block_size == 0:
             self._cache_full_blocks(request, blocks, c + 1)
         return True
 
-    def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
+    def _cache_full_blocks(self, request: Request, blocks: list[int], num_tokens: int) -> None:
         rid = request.request_id
         num_full = min(num_tokens, request.num_tokens - request.num_pending_tokens) // self.block_size
         start = self.num_cached_blocks[rid]
         if num_full <= start:
             return
         hashes = self._request_block_hashes(request, num_full)
-        setdefault = self.block_pool.cached_block_hash_to_block.setdefault
-        for block, h in zip(blocks[start:num_full], hashes[start:num_full]):  # BlockPool.cache_block, inlined
-            if block.block_hash is None:
-                block.block_hash = h
-                setdefault(h, block)
+        pool = self.block_pool
+        run = self.req_to_run.get(rid)
+        if run is None:  # registration always starts at position 0
+            run = self.req_to_run[rid] = pool.begin_run(blocks, hashes)
+        if num_full - start == 1:
+            pool.cache_block(run, start)
+        else:
+            pool.cache_blocks(run, start, num_full)
         self.num_cached_blocks[rid] = num_full
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         """Register the request's blocks that ``num_tokens`` known tokens fill (bulk decode)."""
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, self.req_to_blocks[request.request_id], num_tokens)
+            self._cache_full_blocks(request, self.req_to_block_ids[request.request_id], num_tokens)
 
     def _drop(self, rid: str) -> None:
-        del self.req_to_blocks[rid]
         del self.req_to_block_ids[rid]
         del self.num_cached_blocks[rid]
+        self.req_to_run.pop(rid, None)
 
     def free(self, request: Request) -> None:
         """Release a request's blocks, tail first (its tail is least likely to be shared)."""
-        blocks = self.req_to_blocks.get(request.request_id)
+        blocks = self.req_to_block_ids.get(request.request_id)
         if blocks is None:
             return
-        self.block_pool.free_blocks(reversed(blocks))
+        self.block_pool.free_blocks(blocks[::-1])
         self._drop(request.request_id)
 
     def reset_prefix_cache(self) -> int:
@@ -211,13 +204,13 @@ class KVCacheManager:
 
     # --- swap ------------------------------------------------------------------------
     def can_swap_out(self, request: Request) -> bool:
-        return len(self.req_to_blocks.get(request.request_id, ())) <= self.host_pool.num_free_blocks
+        return len(self.req_to_block_ids.get(request.request_id, ())) <= self.host_pool.num_free_blocks
 
     def swap_out(self, request: Request) -> list[tuple[int, int]]:
         """Move a request's KV to host blocks; returns (gpu_block, host_block) copies to make."""
-        blocks = self.req_to_blocks[request.request_id]
+        blocks = self.req_to_block_ids[request.request_id]
         host_ids = self.host_pool.allocate(len(blocks))
-        pairs = [(b.block_id, h) for b, h in zip(blocks, host_ids)]
+        pairs = list(zip(blocks, host_ids))
         request.swap_out_blocks = host_ids
         self.free(request)
         return pairs
@@ -229,12 +222,11 @@ class KVCacheManager:
             return None
         rid = request.request_id
         new = self.block_pool.get_new_blocks(len(host_ids))
-        self.req_to_blocks[rid] = new
-        self.req_to_block_ids[rid] = [b.block_id for b in new]
+        self.req_to_block_ids[rid] = new
         self.num_cached_blocks[rid] = 0
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, new, request.num_computed_tokens)
-        pairs = [(b.block_id, h) for b, h in zip(new, host_ids)]
+        pairs = list(zip(new, host_ids))
         self.host_pool.free(host_ids)
         request.swap_out_blocks = []
         return pairs

@@ -27,7 +27,6 @@ import bisect
 import heapq
 from array import array
 
-from core.block_pool import KVCacheBlock
 from core.config import CacheConfig, SchedulerConfig
 from core.request import Request, RequestStatus
 from core.scheduler import _BLOCKED_BUDGET, _BLOCKED_KV, _BLOCKED_NONE, Scheduler, largest_fitting
@@ -37,18 +36,17 @@ from core.scheduler_output import SchedulerOutput, StepResult
 class _Parked:
     """Where a parked request stood when it was parked (see the module docstring)."""
 
-    __slots__ = ("p", "c0", "n0", "finish", "phase", "blocks", "block_ids", "default_from")
+    __slots__ = ("p", "c0", "n0", "finish", "phase", "block_ids", "default_from")
 
-    def __init__(self, p: int, c0: int, n0: int, finish: int, phase: int, blocks: list[KVCacheBlock],
-                 block_ids: list[int], default_from: int) -> None:
+    def __init__(self, p: int, c0: int, n0: int, finish: int, phase: int, block_ids: list[int],
+                 default_from: int) -> None:
         self.p = p  # first step it advances lazily
         self.c0 = c0  # num_computed_tokens before step p
         self.n0 = n0  # output tokens before step p
         self.finish = finish  # the step that samples its last token
         self.phase = phase  # (c0 - p) % block_size: its bucket
-        # Its KV cache manager block lists (the same list objects while it stays parked: only a
-        # preemption or swap replaces them, and those run the plain way), read at every edge.
-        self.blocks = blocks
+        # Its KV cache manager block list (the same list object while it stays parked: only a
+        # preemption or swap replaces it, and those run the plain way), read at every edge.
         self.block_ids = block_ids
         self.default_from = default_from  # every token from this position on is the default id
 
@@ -122,8 +120,7 @@ class LazyDecodeScheduler(Scheduler):
         rid = request.request_id
         default_from = max(len(request.all_token_ids),
                            len(request.prompt_token_ids) + len(request.forced_output_token_ids or ()))
-        st = _Parked(p, c0, n0, p + last, (c0 - p) % kv.block_size, kv.req_to_blocks[rid],
-                     kv.req_to_block_ids[rid], default_from)
+        st = _Parked(p, c0, n0, p + last, (c0 - p) % kv.block_size, kv.req_to_block_ids[rid], default_from)
         self._parked[request] = st
         seq = self._seq[request]
         bisect.insort(self._phases[st.phase], request, key=self._seq.__getitem__)
@@ -220,36 +217,31 @@ class LazyDecodeScheduler(Scheduler):
         parked = self._parked
         num_cached = kv.num_cached_blocks
         pool = kv.block_pool
-        index = pool.cached_block_hash_to_block
+        get_new_block = pool.get_new_block
+        cache_block = pool.cache_block
+        runs = kv.req_to_run
         for r in edges:
             st = parked[r]
             steps = s - st.p
             c = st.c0 + steps
             if not c % bs:
-                blocks = st.blocks
+                blocks = st.block_ids
                 if c >= len(blocks) * bs:
-                    block = pool.get_new_block()
-                    blocks.append(block)
-                    st.block_ids.append(block.block_id)
+                    blocks.append(get_new_block())
             if caching and not (c + 1) % bs:
                 i = c // bs
                 hashes = r.block_hashes
                 rid = r.request_id
-                if num_cached[rid] != i or len(hashes) < i:
+                run = runs.get(rid)
+                if num_cached[rid] != i or len(hashes) < i or run is None:
                     self._fill_tokens(r, st.n0 + steps)
                     kv.cache_blocks(r, c + 1)
                     continue
                 if len(hashes) == i:
                     start = i * bs
                     tokens = self._default_block if start >= st.default_from else self._block_tokens(r, start, c + 1)
-                    h = hash((hashes[-1] if i else None, tokens, r.cache_salt))
-                    hashes.append(h)
-                else:
-                    h = hashes[i]
-                block = st.blocks[i]
-                if block.block_hash is None:
-                    block.block_hash = h
-                    index.setdefault(h, block)
+                    hashes.append(hash((hashes[-1] if i else None, tokens, r.cache_salt)))
+                cache_block(run, i)
                 num_cached[rid] = i + 1
 
     def _block_tokens(self, request: Request, start: int, stop: int) -> tuple[int, ...]:
@@ -331,7 +323,7 @@ class LazyDecodeScheduler(Scheduler):
         so nobody is preempted."""
         kv = self.kv
         bs = kv.block_size
-        held = kv.req_to_blocks
+        held = kv.req_to_block_ids
         threshold = self.config.long_prefill_token_threshold
         demand = len(self._parked)
         need = len(edges)

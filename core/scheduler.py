@@ -436,7 +436,7 @@ class Scheduler:
     def _kv_horizon(self, k: int) -> int:
         """Largest k' <= k such that growing every running request k' tokens fits the free pool."""
         bs = self.kv.block_size
-        held = self.kv.req_to_blocks
+        held = self.kv.req_to_block_ids
         state = [(r.num_computed_tokens, len(held[r.request_id])) for r in self.running]
         free = self.kv.num_free_blocks
 
@@ -473,7 +473,7 @@ class Scheduler:
         caching = kv.enable_prefix_caching
         for idx, r in enumerate(running):
             c = r.num_computed_tokens
-            for step in range(len(kv.req_to_blocks[r.request_id]) * bs - c, k, bs):
+            for step in range(len(kv.req_to_block_ids[r.request_id]) * bs - c, k, bs):
                 events.append((step, idx, 0))
             if caching:
                 for step in range(bs - 1 - c % bs, k, bs):
@@ -486,16 +486,14 @@ class Scheduler:
             r.token_times.extend(step_end_times)
         if events:
             events.sort()
-            get = kv.block_pool.get_new_blocks
+            get = kv.block_pool.get_new_block
+            held = kv.req_to_block_ids
             for step, idx, kind in events:
                 r = running[idx]
                 if kind:
                     kv.cache_blocks(r, r.num_computed_tokens + step + 1)
                 else:
-                    rid = r.request_id
-                    block = get(1)[0]
-                    kv.req_to_blocks[rid].append(block)
-                    kv.req_to_block_ids[rid].append(block.block_id)
+                    held[r.request_id].append(get())
         finished = []
         for r, toks in zip(running, token_ids):
             r.num_computed_tokens += k

@@ -122,31 +122,30 @@ def check_invariants(sched: Scheduler) -> None:
     pool = kv.block_pool
     # Who holds which block: only live running requests hold GPU blocks.
     holders: Counter[int] = Counter()
-    for rid, blocks in kv.req_to_blocks.items():
+    for rid, blocks in kv.req_to_block_ids.items():
         assert rid in sched.requests, f"dead request {rid} still holds blocks"
         assert sched.requests[rid].status == RequestStatus.RUNNING, f"{rid} holds blocks but is not running"
-        assert len({b.block_id for b in blocks}) == len(blocks), f"{rid} holds a block twice"
-        assert kv.req_to_block_ids[rid] == [b.block_id for b in blocks]
+        assert len(set(blocks)) == len(blocks), f"{rid} holds a block twice"
         assert kv.num_cached_blocks[rid] <= len(blocks)
+        run = kv.req_to_run.get(rid)
+        assert run is None or (run.blocks is blocks and run.num_blocks == kv.num_cached_blocks[rid])
         for b in blocks:
-            assert pool.blocks[b.block_id] is b
-            holders[b.block_id] += 1
-    assert set(kv.req_to_block_ids) == set(kv.req_to_blocks) == set(kv.num_cached_blocks)
-    for b in pool.blocks:
-        assert b.ref_cnt == holders[b.block_id], f"{b}: ref_cnt {b.ref_cnt} != holders {holders[b.block_id]}"
-    used = sum(1 for b in pool.blocks if b.ref_cnt > 0)
-    zero = [b.block_id for b in pool.blocks if b.ref_cnt == 0]
-    assert pool.num_free_blocks + used == pool.num_blocks
+            holders[b] += 1
+    assert set(kv.req_to_block_ids) == set(kv.num_cached_blocks) >= set(kv.req_to_run)
+    ref = pool.ref_cnt.tolist()
+    for b, n in enumerate(ref):
+        assert n == holders[b], f"block {b}: ref_cnt {n} != holders {holders[b]}"
+    zero = [b for b, n in enumerate(ref) if n == 0]
     queue = pool.free_block_queue.block_ids()
     assert len(queue) == len(zero) == pool.num_free_blocks
     assert sorted(queue) == zero
-    for h, b in pool.cached_block_hash_to_block.items():
-        assert b.block_hash == h
+    for h, b in pool.cached_blocks().items():
+        assert pool.block_hash[b] == h
     # Running requests own enough blocks for what they computed.
     for r in sched.running:
         assert r.status == RequestStatus.RUNNING
-        assert r.request_id in kv.req_to_blocks
-        assert len(kv.req_to_blocks[r.request_id]) * kv.block_size >= r.num_computed_tokens
+        assert r.request_id in kv.req_to_block_ids
+        assert len(kv.req_to_block_ids[r.request_id]) * kv.block_size >= r.num_computed_tokens
         assert r.num_computed_tokens <= r.num_tokens
     # Queues partition the live requests.
     live = {r.request_id for r in sched.running} | {r.request_id for r in sched.waiting}
@@ -155,7 +154,7 @@ def check_invariants(sched: Scheduler) -> None:
     host_held = []
     for r in sched.waiting:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED, RequestStatus.SWAPPED)
-        assert r.request_id not in kv.req_to_blocks
+        assert r.request_id not in kv.req_to_block_ids
         if r.status == RequestStatus.SWAPPED:
             assert r.swap_out_blocks
             assert r.num_computed_tokens > 0

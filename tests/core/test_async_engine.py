@@ -142,8 +142,8 @@ def test_prefix_cache_never_hashes_a_placeholder() -> None:
     _drive(sync, specs)
     # Both engines registered the same blocks under the same hashes: the prompt's and the
     # outputs' full blocks (with the real tokens, never a placeholder).
-    hashes_async = set(eng.scheduler.kv.block_pool.cached_block_hash_to_block)
-    hashes_sync = set(sync.scheduler.kv.block_pool.cached_block_hash_to_block)
+    hashes_async = set(eng.scheduler.kv.block_pool.cached_blocks())
+    hashes_sync = set(sync.scheduler.kv.block_pool.cached_blocks())
     assert hashes_async == hashes_sync and len(hashes_sync) == (6 + 14 - 1) // 4
 
 

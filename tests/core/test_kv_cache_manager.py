@@ -83,14 +83,14 @@ def test_short_allocation_returns_none_and_changes_nothing():
     big = req("big", P[:80])  # needs 5 blocks
     assert kv.allocate_slots(big, 80) is None
     assert kv.num_free_blocks == 4 and free_ids(kv) == [0, 1, 2, 3]
-    assert "big" not in kv.req_to_blocks and kv.block_ids("big") == []
+    assert "big" not in kv.req_to_block_ids and kv.block_ids("big") == []
     # A request that already holds blocks keeps them unchanged.
     a = req("a", P[:32])
     kv.allocate_slots(a, 32)
     compute(a)
-    before = (list(kv.block_ids("a")), kv.num_free_blocks, free_ids(kv), dict(kv.block_pool.cached_block_hash_to_block))
+    before = (list(kv.block_ids("a")), kv.num_free_blocks, free_ids(kv), kv.block_pool.cached_blocks())
     assert kv.allocate_slots(a, 48) is None  # 80 tokens in all: 5 blocks
-    assert (kv.block_ids("a"), kv.num_free_blocks, free_ids(kv), kv.block_pool.cached_block_hash_to_block) == before
+    assert (kv.block_ids("a"), kv.num_free_blocks, free_ids(kv), kv.block_pool.cached_blocks()) == before
 
 
 def test_short_allocation_counts_free_prefix_hits_as_used():
@@ -103,15 +103,15 @@ def test_short_allocation_counts_free_prefix_hits_as_used():
     queue = free_ids(kv)
     b = req("b", P[:48] + Q[:32])  # 80 tokens: 3 hit blocks (all free) + 2 new, but only 1 other free
     computed, hit = kv.get_computed_blocks(b)
-    assert hit == 48 and all(x.ref_cnt == 0 for x in computed)
+    assert hit == 48 and not kv.block_pool.ref_cnt[computed].any()
     assert kv.allocate_slots(b, b.num_tokens - hit, computed) is None
-    assert free_ids(kv) == queue and all(x.ref_cnt == 0 for x in computed)
-    assert "b" not in kv.req_to_blocks
+    assert free_ids(kv) == queue and not kv.block_pool.ref_cnt[computed].any()
+    assert "b" not in kv.req_to_block_ids
     assert kv.prefix_query_tokens == 48 and kv.prefix_hit_tokens == 0  # nothing recorded for b
     c = req("c", P[:48] + Q[:16])  # 64 tokens: 3 hits + 1 new block fits exactly
     assert admit(kv, c) == 48
     assert kv.num_free_blocks == 0
-    assert kv.block_ids("c")[:3] == [x.block_id for x in computed]
+    assert kv.block_ids("c")[:3] == computed
 
 
 def test_watermark_blocks_admission():
@@ -130,7 +130,7 @@ def test_lookahead_slots():
     r2 = req("b", P[:10])
     assert len(kv.allocate_slots(r2, 10, num_lookahead_tokens=6)) == 1
     # Lookahead slots are not registered in the cache: only the 16 known tokens fill a block.
-    assert len(kv.block_pool.cached_block_hash_to_block) == 1
+    assert len(kv.block_pool.cached_blocks()) == 1
 
 
 def test_reserve_tokens_allocates_up_front():
@@ -155,7 +155,7 @@ def test_free_is_tail_first_so_tail_blocks_are_evicted_first():
     blocks = kv.block_ids("a")
     kv.free(a)
     assert free_ids(kv) == blocks[::-1]
-    assert "a" not in kv.req_to_blocks
+    assert "a" not in kv.req_to_block_ids
     kv.free(a)  # freeing an unknown request is a no-op
     # One new block evicts a's last block; its first two blocks remain cached.
     other = req("x", Q[:16])
@@ -173,8 +173,7 @@ def test_block_aligned_shared_prefix():
     assert run_prompt(kv, b) == 32
     assert kv.block_ids("b")[:2] == kv.block_ids("a")[:2]
     assert kv.block_ids("b")[2] != kv.block_ids("a")[2]
-    shared = kv.block_pool.blocks[kv.block_ids("a")[0]]
-    assert shared.ref_cnt == 2
+    assert kv.block_pool.ref_cnt[kv.block_ids("a")[0]] == 2
 
 
 def test_unaligned_shared_prefix_hits_whole_blocks_only():
@@ -233,7 +232,7 @@ def test_prefix_caching_disabled():
     kv = KVCacheManager(BS, 32, enable_prefix_caching=False)
     a = req("a", P[:48])
     run_prompt(kv, a)
-    assert kv.block_pool.cached_block_hash_to_block == {}
+    assert kv.block_pool.cached_blocks() == {}
     assert run_prompt(kv, req("b", P[:48])) == 0
     assert kv.cached_prefix_tokens(P[:48]) == 0
 
@@ -247,7 +246,7 @@ def test_hit_on_free_blocks_reuses_them_and_counts_refs():
     b = req("b", P[:48] + [1])
     assert run_prompt(kv, b) == 48
     assert kv.block_ids("b")[:3] == a_ids
-    assert [kv.block_pool.blocks[i].ref_cnt for i in a_ids] == [1, 1, 1]
+    assert kv.block_pool.ref_cnt[a_ids].tolist() == [1, 1, 1]
     assert not set(a_ids) & set(free_ids(kv))
 
 
@@ -302,7 +301,7 @@ def test_swap_round_trip():
     host = [h for _, h in out_pairs]
     assert len(set(host)) == 3 and a.swap_out_blocks == host
     assert kv.host_pool.num_free_blocks == 1
-    assert kv.num_free_blocks == 6 and "a" not in kv.req_to_blocks
+    assert kv.num_free_blocks == 6 and "a" not in kv.req_to_block_ids
     # Evict everything a left on the GPU, so swap-in must re-register a's hashes.
     filler = req("f", Q[:96])
     kv.allocate_slots(filler, 96)

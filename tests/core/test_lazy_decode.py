@@ -26,7 +26,7 @@ def _pool_state(sched):
     kv = sched.kv
     pool = kv.block_pool
     return (dict(kv.req_to_block_ids), pool.free_block_queue.block_ids(),
-            {h: b.block_id for h, b in pool.cached_block_hash_to_block.items()}, pool.num_evictions,
+            pool.cached_blocks(), pool.num_evictions,
             dict(kv.num_cached_blocks))
 
 

@@ -442,7 +442,7 @@ def test_abort_waiting_running_swapped_frees_everything():
     assert a.status == RequestStatus.FINISHED_ABORTED
     assert s.abort_request("a") is None  # already gone
     fk.check_invariants(s)
-    assert not s.has_unfinished() and s.kv.num_free_blocks == 6 and s.kv.req_to_blocks == {}
+    assert not s.has_unfinished() and s.kv.num_free_blocks == 6 and s.kv.req_to_block_ids == {}
     out = s.schedule()
     assert out.finished_req_ids == ["c", "w", "a"] and out.is_empty
 

@@ -133,8 +133,8 @@ def run_ops(cfg, ops, seed: int) -> tuple[list, dict]:
     assert not sched.requests and not sched.waiting and not sched.running
     kv = sched.kv
     assert kv.num_free_blocks == kv.num_gpu_blocks and kv.host_pool.num_free_blocks == kv.host_pool.num_blocks
-    assert kv.req_to_blocks == {}
-    assert all(b.ref_cnt == 0 for b in kv.block_pool.blocks)
+    assert kv.req_to_block_ids == {}
+    assert not kv.block_pool.ref_cnt.any()
     fk.check_invariants(sched)
     for r in added.values():
         assert r.is_finished
