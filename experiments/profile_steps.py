@@ -13,7 +13,9 @@ way serving runs them, and fits what the op tables leave over, per graph size:
   realistic, unequal contexts; every ``inject_every``-th step a fresh prompt joins, which
   makes that step a mixed-graph or eager step beside the decoders. Passes (``SweepPass``)
   differ in context level, in how many decoders sit beside the prompts and in the token
-  budget (chunks). Aborts and additions happen between timed steps.
+  budget (chunks). Aborts and additions happen between timed steps. Graph decode steps that
+  follow a step with prefill tokens are left out of the graph lines (they pay 40-120 us
+  more, and serving decodes mostly after decode steps).
 * **the fits** (``fit_step_tables``, no torch): least squares made robust to host hiccups
   (``robust_lstsq``: a Huber fit, then points beyond 3.5 robust sigmas of it dropped):
 
@@ -25,12 +27,18 @@ way serving runs them, and fits what the op tables leave over, per graph size:
     step with the sum, so per-size ``d`` came out anywhere from -4.7 to +8.6 us per token
     and extrapolated to serving's contexts by up to 50 %; physically ``d`` is the rate of
     one program walking one long request, which does not depend on the padding;
-  - a mixed-graph step of padded size ``M``: ``wall - device ops`` ~ ``a_M + b * num_reqs +
+  - a mixed-graph step of padded size ``M``: ``wall - device ops`` ~ ``a_M + f(num_decode) +
     c * decode_context + e * context before its prefill chunks``, jointly (one ``a`` per
-    size, the slopes shared: serving's mixed steps mostly carry 4-8 decoders, and per-size
-    slopes fitted on a sweep dominated by large batches missed them by 5-15 %);
+    size; ``f`` piecewise linear over ``DECODE_KNOTS`` and the slopes shared: serving's mixed
+    steps mostly carry 4-8 decoders, and per-size slopes fitted on a sweep dominated by large
+    batches missed them by 5-15 %);
   - an eager step: ``wall - device ops`` ~ ``a + d * num_tokens + b * num_reqs +
-    c * decode_context + e * context before its prefill chunks``, one fit.
+    c * decode_context + e * context before its prefill chunks``, one fit over the steps
+    whose device time is above the launch floor the eager rounds measured (``eager_floor``
+    + ``eager_s``); the model keeps a floor under every eager step (on the H200 a
+    2,000-4,000-token eager step takes 18-20 ms however little device work it has). A floor
+    line fitted to the sweep's launch-bound steps instead (``f0 + f1 * num_reqs + f2 *
+    num_tokens``) was tried and predicted serving worse (TTFT p50 6.8 % vs 4.0 %).
 
 The wall of a step is from its start to the next step's start (as ``experiments.validate``
 measures real runs), so it includes scheduling, input preparation, the launch or replay, the
@@ -38,6 +46,7 @@ wait for the device, sampling and the engine's update.
 """
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,9 +77,11 @@ class SweepPass:
 
 # Full passes keep prompts + growth inside the 32768-block (524k-token) pool validation uses:
 # every graph size at short, medium and long contexts; then the shapes serving has most of
-# at low load, steps with prefill tokens beside a few decoders (the first three passes only
-# reach those at their very end), whole prompts and chunks of long ones.
+# at low load (the first three passes reach them only at their very end, with grown
+# contexts): small batches of short requests, steps with prefill tokens beside a few
+# decoders, whole prompts and chunks of long ones.
 FULL_PASSES = (SweepPass(256, 32, 1024, 3), SweepPass(256, 800, 2000, 3), SweepPass(48, 3000, 12000, 4),
+               SweepPass(16, 16, 600, 12),
                SweepPass(16, 64, 3000, 12, inject_every=2),
                SweepPass(16, 200, 3000, 10, inject_every=8, inject_tokens=(1100, 2000, 3000, 4000),
                          max_num_batched_tokens=512))
@@ -81,6 +92,9 @@ QUICK_PASSES = (SweepPass(6, 8, 40, 1, inject_tokens=QUICK_INJECT_TOKENS),
 # most of its steps at low load there, and one batch size has only a few graph sizes near it.
 SMALL_BATCH_STEPS = 24
 OUTLIER_SIGMAS = 3.5
+# Knots of the mixed steps' leftover vs their decode rows: it is not linear in them (the H200
+# sweep: +25 % at 1-2 decoders, -4 % at 16-64 with one per-request slope).
+DECODE_KNOTS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_SIGMA_S = 1e-6  # step walls are not steadier than a microsecond
 HUBER_K = 1.345  # the usual Huber constant (95% efficiency on normal noise)
 
@@ -229,9 +243,14 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
     base.pop("eager_floor", None)
     device = CalibratedCostModel(base)
     groups: dict[tuple[str, int], list[tuple[Any, float, float]]] = {}
+    prev_kind, prev_pass = None, None
     for i, wall in enumerate(cols["wall_s"]):
         shape = BatchShape(*(int(cols[f][i]) for f in SAMPLE_FIELDS[1:]))
         kind, size = classify(profile, shape)
+        follows_graph = prev_kind == "graph" and prev_pass == cols["pass_"][i]
+        prev_kind, prev_pass = kind, cols["pass_"][i]
+        if kind == "graph" and not follows_graph:
+            continue  # see the module docstring: the graph lines are for steady decoding
         timing = device.step_time(shape)
         dev = timing.total - (timing.breakdown["attn_decode"] if kind == "graph" else 0.0)
         groups.setdefault((kind, size), []).append((shape, float(wall), dev))
@@ -246,13 +265,18 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
             lambda size, shared: [shared[0] if size <= split_max else shared[1]])
     mixed = sorted((size, rows) for (kind, size), rows in groups.items() if kind == "mixed")
     if mixed:
-        fits["mixed_graph"] = joint_fit(mixed, lambda s: [1.0], lambda size, s: _shared_terms(s),
-                                        lambda size, shared: shared)
-    eager = groups.get(("eager", 0), [])
+        k = len(DECODE_KNOTS)
+        fit = joint_fit(mixed, lambda s: [1.0], lambda size, s: [*hat_weights(s.num_decode), *_shared_terms(s)[1:]],
+                        lambda size, shared: shared[k:])
+        fit["decodes"] = {"knots": list(DECODE_KNOTS), "seconds": fit["shared"][:k]}
+        fits["mixed_graph"] = fit
+    floor = _eager_floor_wall(profile)
+    every = groups.get(("eager", 0), [])
+    eager = [r for r in every if r[2] >= floor(r[0].num_tokens)]  # device-bound ones
     if len(eager) >= 8:
-        fits["eager"] = joint_fit([(0, eager)], lambda s: [1.0, s.num_tokens], lambda size, s: _shared_terms(s),
-                                  lambda size, shared: shared)
-        fits["eager"] = {"coef": fits["eager"]["coef"][0], "points": fits["eager"]["points"][0]}
+        fit = joint_fit([(0, eager)], lambda s: [1.0, s.num_tokens], lambda size, s: _shared_terms(s),
+                        lambda size, shared: shared)
+        fits["eager"] = {"coef": fit["coef"][0], "points": fit["points"][0]}
     model = CalibratedCostModel({**profile, "step_fits": fits})
     for (kind, size), rows in sorted(groups.items()):
         err = [abs(model.step_time(s).total - w) / w for s, w, _ in rows]
@@ -261,6 +285,34 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
         summary[kind]["n"].append(len(rows))
         summary[kind]["median_abs_rel_err"].append(round(float(np.median(err)), 4))
     return fits, summary
+
+
+def _eager_floor_wall(profile: dict[str, Any]) -> Callable[[int], float]:
+    """The wall below which an eager step cannot go (the CPU launching its kernels): the
+    profile's ``eager_floor`` plus ``eager_s``, as measured by the eager rounds; 0 without one."""
+    from simulator.cost_model.calibrated import PiecewiseLinear
+
+    table = profile.get("eager_floor")
+    if not table:
+        return lambda tokens: 0.0
+    line = PiecewiseLinear(table["num_tokens"], table["seconds"], "eager_floor")
+    extra = float(profile["overhead"].get("eager_s", 0.0))
+    return lambda tokens: max(0.0, line(tokens) + extra)
+
+
+def hat_weights(x: float, knots: Sequence[float] = DECODE_KNOTS) -> list[float]:
+    """Weights of ``x`` on the piecewise-linear (hat) basis over ``knots`` (clamped at both ends):
+    a least-squares fit over these columns is a measured curve through the knots."""
+    w = [0.0] * len(knots)
+    if x <= knots[0]:
+        w[0] = 1.0
+    elif x >= knots[-1]:
+        w[-1] = 1.0
+    else:
+        i = bisect.bisect_right(knots, x) - 1
+        t = (x - knots[i]) / (knots[i + 1] - knots[i])
+        w[i], w[i + 1] = 1.0 - t, t
+    return w
 
 
 def _shared_terms(s: Any) -> list[float]:
@@ -288,7 +340,7 @@ def joint_fit(groups: list[tuple[int, list[tuple[Any, float, float]]]], own: Cal
         y[k] = wall - dev
     coef, _ = robust_lstsq(design, y)
     common = [float(c) for c in coef[num_own * len(groups):]]
-    return {"graph_size": [size for size, _ in groups],
+    return {"graph_size": [size for size, _ in groups], "shared": common,
             "coef": [[float(c) for c in coef[num_own * i:num_own * (i + 1)]] + shared_coef(size, common)
                      for i, (size, _) in enumerate(groups)],
             "points": [len(rs) for _, rs in groups]}

@@ -80,12 +80,15 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   size. ``graph_decode`` ({"graph_size": [...], "coef": [[a, b, c, d], ...]}): a graph decode
   step of padded size G costs its non-attention device ops plus ``a + b * num_reqs`` (its
   ``cpu_overhead``) plus ``c * sum_context + d * max_context`` (its ``attn_decode``);
-  ``mixed_graph`` ({"graph_size", "coef": [[a, b, c, e], ...]}): a mixed-graph step of padded
-  size M costs its device ops plus ``a + b * num_reqs + c * decode_context + e * (context
-  before its prefill chunks)`` (a size without its own line takes the nearest measured one);
+  ``mixed_graph`` ({"graph_size", "coef": [[a, c, e], ...], "decodes": {"knots", "seconds"}}):
+  a mixed-graph step of padded size M costs its device ops plus ``a + f(num_decode) + c *
+  decode_context + e * (context before its prefill chunks)``, ``f`` piecewise linear through
+  the knots, flat past them (a size without its own line takes the nearest measured one);
   ``eager`` ({"coef": [a, d, b, c, e]}): an eager step costs its device ops plus ``a + d *
-  num_tokens`` and the same three terms, which replaces the launch floor, the ``eager_s``
-  term and the switch penalties. A graph size without a fit keeps the terms above.
+  num_tokens + b * num_reqs + c * decode_context + e * (context before its prefill
+  chunks)``, and at least the launch floor ``eager_floor(tokens) + eager_s``; this replaces
+  the per-request term and the switch penalties. A graph size without a fit keeps the terms
+  above.
 """
 from __future__ import annotations
 
@@ -106,13 +109,14 @@ _OPTIONAL_TOKEN_OPS = ("norm_rotary", "communication")
 
 
 class PiecewiseLinear:
-    """y(x) through measured points; linear extrapolation past both ends, never below 0.
+    """y(x) through measured points; linear extrapolation past both ends, never below 0 (or, with
+    ``clamp``, flat past both ends and of any sign: a fitted correction rather than a time).
 
     Scalar lookups use ``bisect`` on Python lists: the same values as ``numpy.interp``
     inside the range, without numpy's per-call overhead on scalars.
     """
 
-    def __init__(self, xs: Sequence[float], ys: Sequence[float], what: str) -> None:
+    def __init__(self, xs: Sequence[float], ys: Sequence[float], what: str, clamp: bool = False) -> None:
         if len(xs) != len(ys) or not xs:
             raise ValueError(f"{what}: need equally long, non-empty x and y lists, got {len(xs)} and {len(ys)}")
         if any(b <= a for a, b in zip(xs, xs[1:])):
@@ -121,11 +125,14 @@ class PiecewiseLinear:
         self.ys = [float(y) for y in ys]
         self._slopes = [(y1 - y0) / (x1 - x0) for x0, x1, y0, y1
                         in zip(self.xs, self.xs[1:], self.ys, self.ys[1:])] or [0.0]
+        self.clamp = clamp
 
     def __call__(self, x: float) -> float:
+        if self.clamp:  # a fitted correction: flat past the knots, any sign
+            x = min(max(x, self.xs[0]), self.xs[-1])
         i = min(max(bisect.bisect_right(self.xs, x) - 1, 0), len(self._slopes) - 1)
         y = self.ys[i] + self._slopes[i] * (x - self.xs[i])
-        return y if y > 0.0 else 0.0
+        return y if y > 0.0 or self.clamp else 0.0
 
 
 def _fit_linear(columns: Sequence[Sequence[float]], seconds: Sequence[float], what: str) -> tuple[float, ...]:
@@ -265,6 +272,8 @@ class CalibratedCostModel(CostModel):
         self._graph_fit = ({int(g): tuple(float(x) for x in c) for g, c in zip(gd["graph_size"], gd["coef"])}
                            if gd else {})
         measured = {int(m): tuple(float(x) for x in c) for m, c in zip(md["graph_size"], md["coef"])} if md else {}
+        self._mixed_decodes = (PiecewiseLinear(md["decodes"]["knots"], md["decodes"]["seconds"], "mixed_graph.decodes",
+                                               clamp=True) if md else None)
         self._mixed_fit = {m: measured[min(measured, key=lambda x: (abs(x - m), x))]
                            for m in self.mixed_graph_sizes} if measured else {}
         self._eager_fit = tuple(float(x) for x in ea["coef"]) if ea else None
@@ -321,14 +330,18 @@ class CalibratedCostModel(CostModel):
             cpu = self.graph_overhead + self.cpu_per_request * batch.num_reqs
         elif mixed and self._mixed_fit:
             c = self._mixed_fit[t]
-            cpu = (c[0] + c[1] * batch.num_reqs + c[2] * batch.decode_context
-                   + c[3] * (batch.prefill_context - batch.prefill_tokens))
+            cpu = (c[0] + self._mixed_decodes(batch.num_decode) + c[1] * batch.decode_context
+                   + c[2] * (batch.prefill_context - batch.prefill_tokens))
         elif mixed:
             cpu = self.mixed_graph_overhead + self.cpu_per_request * batch.num_reqs
         elif self._eager_fit is not None:
             c = self._eager_fit
             cpu = (c[0] + c[1] * batch.num_tokens + c[2] * batch.num_reqs + c[3] * batch.decode_context
                    + c[4] * (batch.prefill_context - batch.prefill_tokens))
+            if self._eager_floor is not None:  # the launch floor stays under the fitted line
+                floor = self._eager_floor(batch.num_tokens) + self.eager_overhead
+                if floor > device + cpu:
+                    cpu = floor - device
         else:
             cpu = self.eager_overhead + self.cpu_per_request * (batch.num_reqs - self.eager_ref_reqs)
             if self._eager_floor is not None:

@@ -16,7 +16,7 @@ PROFILE = Path(__file__).resolve().parents[2] / "experiments/profiles/qwen3_0_6b
 
 # The "true" leftovers the synthetic steps carry over the op tables (seconds).
 GRAPH_TRUE = {"a": 4e-4, "per_req": 2e-6, "per_ctx": 3e-9, "per_max": 5e-8}
-MIXED_TRUE = (3e-4, 1.5e-6, 1e-9, 5e-8)  # a, per request, per decode context, per context before a chunk
+MIXED_TRUE = (3e-4, 1.5e-6, 1e-9, 5e-8)  # a, per decode row, per decode context, per context before a chunk
 EAGER_TRUE = (1e-3, 1e-7, 4e-6, 2e-9, 3e-8)  # a, per token, then as MIXED_TRUE
 
 
@@ -40,7 +40,7 @@ def _synthetic_columns(profile: dict, rng: np.random.Generator, noise: float = 0
             ctx = rng.integers(16, 3000, size=n)
             shapes.append(BatchShape.from_lists([1] * n, ctx.tolist()))
     for _ in range(600):
-        n = int(rng.integers(0, 200))
+        n = int(rng.choice([0, 1, 2, 3, 4, 6, 8, 12, 20, 40, 70, 100, 150, 199]))  # every knot interval
         t = int(rng.choice([10, 100, 300, 700, 1500, 1900, 3000, 6000]))
         before = int(rng.choice([0, 0, 500, 3000]))  # a fresh prompt or a later chunk of one
         ctx = rng.integers(16, 3000, size=n)
@@ -54,7 +54,8 @@ def _synthetic_columns(profile: dict, rng: np.random.Generator, noise: float = 0
                     + g["per_ctx"] * s.decode_context + g["per_max"] * s.max_decode_context)
         elif kind == "mixed":
             a, b, c, e = MIXED_TRUE
-            wall = timing.total + a + b * s.num_reqs + c * s.decode_context + e * (s.prefill_context - s.prefill_tokens)
+            wall = (timing.total + a + b * s.num_decode + c * s.decode_context + e * (s.prefill_context - s.prefill_tokens)
+                    + (2e-4 if s.num_decode == 1 else 0.0))  # not linear in the decode rows
         else:
             a, d, b, c, e = EAGER_TRUE
             wall = (timing.total + a + d * s.num_tokens + b * s.num_reqs + c * s.decode_context
@@ -90,8 +91,13 @@ def test_fits_recover_the_leftovers_and_the_model_uses_them() -> None:
             assert coef == pytest.approx([GRAPH_TRUE["a"] * (1 + size / 256), GRAPH_TRUE["per_req"],
                                           GRAPH_TRUE["per_ctx"], GRAPH_TRUE["per_max"]], rel=1e-4, abs=1e-12)
     assert fits["eager"]["coef"] == pytest.approx(list(EAGER_TRUE), rel=1e-4, abs=1e-12)
-    for coef in fits["mixed_graph"]["coef"]:
-        assert coef == pytest.approx(list(MIXED_TRUE), rel=1e-4, abs=1e-10)
+    mixed = CalibratedCostModel({**profile, "step_fits": fits})
+    for nd, extra in ((0, 0.0), (1, 2e-4), (2, 0.0), (4, 0.0), (100, 0.0)):
+        shape = BatchShape.from_lists([1] * nd + [300], [500] * nd + [800])  # a chunk after 500 tokens
+        t = mixed.step_time(shape)
+        a, b, c, e = MIXED_TRUE
+        want = sum(v for k, v in t.breakdown.items() if k != "cpu_overhead") + a + b * nd + c * 500 * nd + e * 500 + extra
+        assert t.total == pytest.approx(want, rel=1e-6)
     assert len(fits["graph_decode"]["coef"][0]) == 4 and len(fits["eager"]["coef"]) == 5
     # exact data (outliers aside): the fitted model reproduces every step
     assert max(max(v["median_abs_rel_err"]) for v in summary.values()) < 1e-6
