@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import compress, repeat
 
 import numpy as np
@@ -128,18 +128,21 @@ EAGER = -1
 class ChainRun:
     """One request's registered chain (one allocation of its blocks: admission to free).
 
-    ``blocks`` and ``hashes`` are the request's own lists (block ids and chained hashes by
-    position, both only ever appended to); positions ``[0, num_blocks)`` are registered.
-    While ``eager`` is False the run's entries are not in the index but implied: position
-    ``j`` is cached while ``run_of[blocks[j]] == run_id`` (see ``BlockPool``).
+    ``blocks`` is the request's block id list (by position, only ever appended to);
+    positions ``[0, num_blocks)`` are registered. ``hashes_upto(n)`` returns the chain's
+    hashes, computed (and cached on the request) for at least ``n`` blocks. While ``eager``
+    is False the run is lazy: its blocks are marked in ``BlockPool.run_of`` and their
+    hashes are not even computed (see ``BlockPool``).
     """
 
-    __slots__ = ("run_id", "blocks", "hashes", "num_blocks", "eager")
+    __slots__ = ("run_id", "root", "blocks", "hashes_upto", "num_blocks", "eager")
 
-    def __init__(self, run_id: int, blocks: list[int], hashes: list[int], eager: bool) -> None:
+    def __init__(self, run_id: int, root: int, blocks: list[int], hashes_upto: Callable[[int], list[int]],
+                 eager: bool) -> None:
         self.run_id = run_id
+        self.root = root
         self.blocks = blocks
-        self.hashes = hashes
+        self.hashes_upto = hashes_upto
         self.num_blocks = 0
         self.eager = eager
 
@@ -152,12 +155,13 @@ class BlockPool:
     entry) but built lazily. Chained hashes mean every block of a chain shares its first
     block's hash, the *root*, and every lookup walks a chain from its root. A root that only
     one request allocation has registered (a *lazy* ``ChainRun``: the common case of a prompt
-    nobody shares) costs one ``_roots`` entry: its blocks are marked with ``run_of`` (a bulk
-    numpy write), with no per-block dict insert or delete. The first time anyone else looks
-    the root up or registers it, the run is *materialized*: its blocks still cached go into
-    ``cached_block_hash_to_block`` (the eager index) and the root is eager from then on.
-    That is exact because within one run each hash was registered once, so "still cached"
-    is all the eager index would have recorded.
+    nobody shares) costs one ``_roots`` entry and one hash: its blocks are only marked in
+    ``run_of`` (a bulk numpy write); no per-block hash, dict insert or delete. The first time
+    anyone else looks the root up or registers under it, the run is *materialized*: its
+    hashes are computed and its still-cached blocks go into ``cached_block_hash_to_block``
+    (the eager index, with ``block_hash``); the root is eager from then on. That is exact
+    because within one run each hash was registered once, so "still cached" is all the
+    eager index would have recorded.
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
@@ -166,8 +170,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = np.zeros(num_blocks, dtype=np.int64)
-        self.block_hash = np.full(num_blocks, NO_HASH, dtype=np.int64)
-        self.run_of = np.full(num_blocks, -1, dtype=np.int64)  # lazy run holding the block's hash, or -1
+        self.block_hash = np.full(num_blocks, NO_HASH, dtype=np.int64)  # of blocks in the eager index's chains
+        self.run_of = np.full(num_blocks, -1, dtype=np.int64)  # lazy run holding the block's content, or -1
         self.free_block_queue = FreeBlockQueue(num_blocks)
         self.cached_block_hash_to_block: dict[int, int] = {}  # the eager index: hash -> block id
         self._roots: dict[int, int] = {}  # root hash -> lazy run id, or EAGER
@@ -182,35 +186,33 @@ class BlockPool:
 
     # --- allocation --------------------------------------------------------------------
     def get_new_blocks(self, n: int) -> list[int]:
-        """Take ``n`` blocks from the LRU head, evicting their cached hashes."""
+        """Take ``n`` blocks from the LRU head, evicting their cached content."""
         queue = self.free_block_queue
         if n > queue.num_free_blocks:
             raise RuntimeError(f"cannot get {n} blocks: only {queue.num_free_blocks} free")
         ids = queue.popleft_n(n)
-        bh = self.block_hash
-        hashes = bh[ids]
-        cached = hashes != NO_HASH
+        cached = (self.block_hash[ids] != NO_HASH) | (self.run_of[ids] >= 0)
         if cached.any():
             evicted = ids[cached]
-            self._evict(evicted, hashes[cached])
+            self._evict(evicted)
             self.num_evictions += len(evicted)
         self.ref_cnt[ids] = 1
         return ids.tolist()
 
-    def _evict(self, blocks: np.ndarray, hashes: np.ndarray) -> None:
-        """Forget the hashes of ``blocks``: lazy runs lose them, eager owners drop their entries."""
+    def _evict(self, blocks: np.ndarray) -> None:
+        """Forget the content of cached ``blocks``: lazy runs lose them, eager owners drop their entries."""
         run_of = self.run_of
         bh = self.block_hash
-        bh[blocks] = NO_HASH
         lazy = run_of[blocks] >= 0
         if lazy.all():
             run_of[blocks] = -1
             return
-        eager = ~lazy
         run_of[blocks[lazy]] = -1
+        eager_blocks = blocks[~lazy]
+        eager_hashes = bh[eager_blocks].tolist()
+        bh[eager_blocks] = NO_HASH
+        eager_blocks = eager_blocks.tolist()
         index = self.cached_block_hash_to_block
-        eager_blocks = blocks[eager].tolist()
-        eager_hashes = hashes[eager].tolist()
         owners = list(map(index.pop, eager_hashes, repeat(None)))  # C-level: blocks almost always own theirs
         if owners != eager_blocks:
             for owner, h in zip(owners, eager_hashes):
@@ -223,30 +225,30 @@ class BlockPool:
         if not queue.num_free_blocks:
             raise RuntimeError("cannot get a block: none free")
         block = queue.popleft()
-        h = self.block_hash.item(block)
-        if h != NO_HASH:
-            if self.run_of.item(block) >= 0:
-                self.run_of[block] = -1
-            else:
+        if self.run_of.item(block) >= 0:
+            self.run_of[block] = -1
+            self.num_evictions += 1
+        else:
+            h = self.block_hash.item(block)
+            if h != NO_HASH:
                 index = self.cached_block_hash_to_block
                 if index.get(h) == block:
                     del index[h]
-            self.block_hash[block] = NO_HASH
-            self.num_evictions += 1
+                self.block_hash[block] = NO_HASH
+                self.num_evictions += 1
         self.ref_cnt[block] = 1
         return block
 
     # --- prefix cache ------------------------------------------------------------------
-    def begin_run(self, blocks: list[int], hashes: list[int]) -> ChainRun:
-        """Start registering a request's chain (``blocks[0]`` under ``hashes[0]`` comes first).
+    def begin_run(self, blocks: list[int], root: int, hashes_upto: Callable[[int], list[int]]) -> ChainRun:
+        """Start registering a request's chain (``blocks[0]``, whose hash is ``root``, comes first).
 
-        Lazy if its root is new to the index; eager if anyone else's blocks are cached under it.
+        Lazy if the root is new to the index; eager if anyone else's blocks are cached under it.
         """
-        root = hashes[0]
         known = self._roots.get(root)
         if known is not None and known != EAGER and not self._materialize(known):
             known = None  # the other run is fully evicted: the root is new again
-        run = ChainRun(self._next_run_id, blocks, hashes, eager=known is not None)
+        run = ChainRun(self._next_run_id, root, blocks, hashes_upto, eager=known is not None)
         self._next_run_id += 1
         if not run.eager:
             if len(self._runs) >= self._prune_at:  # before adding the run: it has no cached block yet
@@ -260,16 +262,15 @@ class BlockPool:
 
         A block keeps the hash it was first registered with until it is evicted.
         """
-        idx = np.array(run.blocks[start:stop], dtype=np.int64)
-        hashes = run.hashes[start:stop]
-        bh = self.block_hash
+        run.num_blocks = stop
         if not run.eager:
-            bh[idx] = hashes
-            self.run_of[idx] = run.run_id
-            run.num_blocks = stop
+            self.run_of[run.blocks[start:stop]] = run.run_id
             return
-        fresh = bh[idx] == NO_HASH
         blocks = run.blocks[start:stop]
+        hashes = run.hashes_upto(stop)[start:stop]
+        bh = self.block_hash
+        idx = np.array(blocks, dtype=np.int64)
+        fresh = bh[idx] == NO_HASH
         if not fresh.all():  # prefix hits, already registered: they keep their hash
             keep = fresh.tolist()
             idx = idx[fresh]
@@ -277,20 +278,27 @@ class BlockPool:
             hashes = list(compress(hashes, keep))
         bh[idx] = hashes
         deque(map(self.cached_block_hash_to_block.setdefault, hashes, blocks), 0)  # setdefault per pair, in C
-        run.num_blocks = stop
 
     def cache_block(self, run: ChainRun, i: int) -> None:
         """``cache_blocks(run, i, i + 1)`` for one block (a decoding request fills one at a time)."""
         block = run.blocks[i]
-        h = run.hashes[i]
-        bh = self.block_hash
         run.num_blocks = i + 1
         if not run.eager:
-            bh[block] = h
             self.run_of[block] = run.run_id
-        elif bh.item(block) == NO_HASH:
+            return
+        bh = self.block_hash
+        if bh.item(block) == NO_HASH:
+            h = run.hashes_upto(i + 1)[i]
             bh[block] = h
             self.cached_block_hash_to_block.setdefault(h, block)
+
+    def root_cached(self, root: int) -> bool:
+        """Whether any block of a chain with this root may be cached; makes the root eager, so
+        ``cached_block_hash_to_block`` answers exactly for the chain's hashes afterwards."""
+        known = self._roots.get(root)
+        if known is None:
+            return False
+        return known == EAGER or self._materialize(known)
 
     def find_cached_prefix(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Blocks cached under ``hashes[:max_blocks]``, up to the first miss (a chain from its root)."""
@@ -305,14 +313,6 @@ class BlockPool:
             hit.append(block)
         return hit
 
-    def root_cached(self, root: int) -> bool:
-        """Whether any block of a chain with this root may be cached; makes the root eager, so
-        ``cached_block_hash_to_block`` answers exactly for the chain's hashes afterwards."""
-        known = self._roots.get(root)
-        if known is None:
-            return False
-        return known == EAGER or self._materialize(known)
-
     def _materialize(self, run_id: int) -> bool:
         """Move a lazy run's cached blocks into the eager index; False if none is cached."""
         run = self._runs.pop(run_id)
@@ -320,14 +320,16 @@ class BlockPool:
         n = run.num_blocks
         idx = np.array(run.blocks[:n], dtype=np.int64)
         live = self.run_of[idx] == run_id
-        root = run.hashes[0]
         if not live.any():
-            del self._roots[root]
+            del self._roots[run.root]
             return False
-        self._roots[root] = EAGER
-        self.run_of[idx[live]] = -1
+        self._roots[run.root] = EAGER
+        live_idx = idx[live]
+        self.run_of[live_idx] = -1
         keep = live.tolist()
-        self.cached_block_hash_to_block.update(zip(compress(run.hashes[:n], keep), compress(run.blocks[:n], keep)))
+        hashes = list(compress(run.hashes_upto(n)[:n], keep))
+        self.block_hash[live_idx] = hashes
+        self.cached_block_hash_to_block.update(zip(hashes, live_idx.tolist()))
         return True
 
     def _prune_runs(self) -> None:
@@ -335,8 +337,7 @@ class BlockPool:
         run_of = self.run_of
         live = set(np.unique(run_of[run_of >= 0]).tolist())
         for run_id in [r for r in self._runs if r not in live]:
-            run = self._runs.pop(run_id)
-            del self._roots[run.hashes[0]]
+            del self._roots[self._runs.pop(run_id).root]
         self._prune_at = 2 * len(self._runs) + 1024
 
     def cached_blocks(self) -> dict[int, int]:
@@ -344,10 +345,15 @@ class BlockPool:
         out = dict(self.cached_block_hash_to_block)
         run_of = self.run_of
         for run in self._runs.values():
-            for b, h in zip(run.blocks[:run.num_blocks], run.hashes):
+            n = run.num_blocks
+            for b, h in zip(run.blocks[:n], run.hashes_upto(n)):
                 if run_of.item(b) == run.run_id:
                     out[h] = b
         return out
+
+    def is_cached(self) -> np.ndarray:
+        """Per block: whether it holds registered content (eager hash or lazy run)."""
+        return (self.block_hash != NO_HASH) | (self.run_of >= 0)
 
     def touch(self, blocks: Sequence[int]) -> None:
         """Take a reference on prefix-hit blocks, pulling free ones out of the queue."""
@@ -376,9 +382,9 @@ class BlockPool:
 
         Blocks held by live requests keep their hashes (their content is still valid).
         """
-        drop = np.flatnonzero((self.ref_cnt == 0) & (self.block_hash != NO_HASH))
+        drop = np.flatnonzero((self.ref_cnt == 0) & self.is_cached())
         if len(drop):
-            self._evict(drop, self.block_hash[drop])
+            self._evict(drop)
         return len(drop)
 
     def usage(self) -> float:

@@ -4,9 +4,13 @@ The scheduler asks ``allocate_slots`` for the slots of a request's next tokens; 
 answer means "not enough free blocks", and the scheduler decides whom to preempt. Full
 blocks are registered in the prefix cache under a chained hash (parent hash, the block's
 tokens, an optional salt), so two prompts share a block only if everything before it is
-equal too.
+equal too. Hashes are computed when needed (``request.block_hashes`` grows lazily): a
+chain nobody else shares needs only its first block's (see ``core.block_pool``).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 from core.block_pool import BlockPool, ChainRun, HostBlockPool
 from core.request import Request
@@ -28,6 +32,9 @@ class KVCacheManager:
         self.req_to_block_ids: dict[str, list[int]] = {}
         self.num_cached_blocks: dict[str, int] = {}
         self.req_to_run: dict[str, ChainRun] = {}  # each request's registered chain (prefix caching)
+        # Set by a scheduler whose requests' token lists can lag their progress (the lazy decode
+        # scheduler's parked requests): makes ``all_token_ids`` hold at least n tokens.
+        self.fill_tokens: Callable[[Request, int], None] | None = None
         # Prefix-cache statistics in tokens. Hits of a request re-admitted after a
         # recompute preemption are kept apart: they are recovered work, not reuse.
         self.prefix_query_tokens = 0
@@ -58,6 +65,8 @@ class KVCacheManager:
         if len(hashes) >= num_blocks:
             return hashes
         bs = self.block_size
+        if len(request.all_token_ids) < num_blocks * bs and self.fill_tokens is not None:
+            self.fill_tokens(request, num_blocks * bs)
         parent = hashes[-1] if hashes else None
         salt = request.cache_salt
         # A comprehension chaining through ``parent``, over the blocks' token tuples as
@@ -74,9 +83,14 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hashes = self._request_block_hashes(request, max_blocks)
-        hit = self.block_pool.find_cached_prefix(hashes, max_blocks)
+        if not max_blocks or not self.block_pool.root_cached(self._request_block_hashes(request, 1)[0]):
+            return [], 0  # nothing cached under its first block: its other hashes can wait
+        hit = self.block_pool.find_cached_prefix(self._request_block_hashes(request, max_blocks), max_blocks)
         return hit, len(hit) * self.block_size
+
+    def block_hashes(self, request: Request, num_blocks: int) -> list[int]:
+        """The request's chained block hashes, computed for at least ``num_blocks`` full blocks."""
+        return self._request_block_hashes(request, num_blocks)
 
     def cached_prefix_tokens(self, token_ids: list[int], cache_salt: object = None) -> int:
         """How many leading tokens of ``token_ids`` are cached now (for routers and lpm)."""
@@ -170,11 +184,11 @@ class KVCacheManager:
         start = self.num_cached_blocks[rid]
         if num_full <= start:
             return
-        hashes = self._request_block_hashes(request, num_full)
         pool = self.block_pool
         run = self.req_to_run.get(rid)
         if run is None:  # registration always starts at position 0
-            run = self.req_to_run[rid] = pool.begin_run(blocks, hashes)
+            run = self.req_to_run[rid] = pool.begin_run(blocks, self._request_block_hashes(request, 1)[0],
+                                                        partial(self._request_block_hashes, request))
         if num_full - start == 1:
             pool.cache_block(run, start)
         else:

@@ -67,6 +67,9 @@ class LazyDecodeScheduler(Scheduler):
         self._seq: dict[Request, int] = {}  # running order: a number given at each admission
         self._next_seq = 0
         self._ends = array("d", [0.0])  # _ends[s]: end time of step s (unused slots hold 0)
+        # Block hashes are computed lazily, possibly while a request is parked and its token
+        # list lags: the KV cache manager asks for the (known) tokens it needs.
+        self.kv.fill_tokens = self._fill_to_length
 
     # --- lazy progress ---------------------------------------------------------------
     def _num_computed(self, request: Request) -> int:
@@ -87,6 +90,9 @@ class LazyDecodeScheduler(Scheduler):
         known = len(request.all_token_ids) - len(request.prompt_token_ids)
         if known < num_outputs:
             request.all_token_ids.extend(self._oracle(request, known, num_outputs))
+
+    def _fill_to_length(self, request: Request, num_tokens: int) -> None:
+        self._fill_tokens(request, num_tokens - len(request.prompt_token_ids))
 
     def _write_back(self, request: Request, st: _Parked, last_step: int) -> None:
         """Write a parked request's progress through ``last_step`` into its fields."""
@@ -230,17 +236,23 @@ class LazyDecodeScheduler(Scheduler):
                     blocks.append(get_new_block())
             if caching and not (c + 1) % bs:
                 i = c // bs
-                hashes = r.block_hashes
                 rid = r.request_id
                 run = runs.get(rid)
-                if num_cached[rid] != i or len(hashes) < i or run is None:
+                if run is None or num_cached[rid] != i:
                     self._fill_tokens(r, st.n0 + steps)
                     kv.cache_blocks(r, c + 1)
                     continue
-                if len(hashes) == i:
-                    start = i * bs
-                    tokens = self._default_block if start >= st.default_from else self._block_tokens(r, start, c + 1)
-                    hashes.append(hash((hashes[-1] if i else None, tokens, r.cache_salt)))
+                if run.eager:  # its hash is needed now: compute it without writing the tokens back
+                    hashes = r.block_hashes
+                    if len(hashes) < i:
+                        self._fill_tokens(r, st.n0 + steps)
+                        kv.cache_blocks(r, c + 1)
+                        continue
+                    if len(hashes) == i:
+                        start = i * bs
+                        tokens = (self._default_block if start >= st.default_from
+                                  else self._block_tokens(r, start, c + 1))
+                        hashes.append(hash((hashes[-1] if i else None, tokens, r.cache_salt)))
                 cache_block(run, i)
                 num_cached[rid] = i + 1
 

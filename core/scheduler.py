@@ -426,7 +426,7 @@ class Scheduler:
             if f == 0:
                 if r.cache_salt != head.cache_salt:
                     continue
-            elif len(r.block_hashes) >= f and r.block_hashes[f - 1] != hashes[f - 1]:
+            elif kv.block_hashes(r, f)[f - 1] != hashes[f - 1]:
                 continue
             s = (n + 1) * bs - c - 1  # the step that fills its block n
             if s < k:

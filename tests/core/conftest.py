@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from core.block_pool import NO_HASH
 from core.config import CacheConfig, SchedulerConfig
 from core.engine import EngineCore
 from core.request import Request, RequestStatus
@@ -139,8 +140,8 @@ def check_invariants(sched: Scheduler) -> None:
     queue = pool.free_block_queue.block_ids()
     assert len(queue) == len(zero) == pool.num_free_blocks
     assert sorted(queue) == zero
-    for h, b in pool.cached_blocks().items():
-        assert pool.block_hash[b] == h
+    for h, b in pool.cached_blocks().items():  # lazily indexed blocks have no block_hash yet
+        assert pool.block_hash[b] == h or (pool.block_hash[b] == NO_HASH and pool.run_of[b] >= 0)
     # Running requests own enough blocks for what they computed.
     for r in sched.running:
         assert r.status == RequestStatus.RUNNING

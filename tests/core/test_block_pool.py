@@ -18,8 +18,13 @@ def ids(pool: BlockPool) -> list[int]:
     return pool.free_block_queue.block_ids()
 
 
+def begin(pool: BlockPool, blocks: list[int], hashes: list[int]):
+    """A chain run whose hashes are known up front (the KV cache manager computes them lazily)."""
+    return pool.begin_run(blocks, hashes[0], lambda n: hashes)
+
+
 def register(pool: BlockPool, blocks: list[int], hashes: list[int]):
-    run = pool.begin_run(blocks, hashes)
+    run = begin(pool, blocks, hashes)
     pool.cache_blocks(run, 0, len(blocks))
     return run
 
@@ -164,11 +169,29 @@ def test_a_lone_chain_stays_out_of_the_dict_until_looked_up():
     pool = BlockPool(4)
     blocks = pool.get_new_blocks(3)
     register(pool, blocks, [7, 8, 9])
-    assert pool.cached_block_hash_to_block == {}
+    assert pool.cached_block_hash_to_block == {} and pool.run_of.tolist() == [0, 0, 0, -1]
     assert pool.cached_blocks() == {7: 0, 8: 1, 9: 2}
     assert pool.find_cached_prefix([70], 1) == []  # another root: still lazy
     assert pool.cached_block_hash_to_block == {}
     assert pool.find_cached_prefix([7, 8, 9], 2) == [0, 1]
+    assert pool.cached_block_hash_to_block == {7: 0, 8: 1, 9: 2} and pool.run_of.tolist() == [-1] * 4
+    assert pool.block_hash.tolist() == [7, 8, 9, NO_HASH]
+
+
+def test_lazy_run_computes_no_hash_until_materialized():
+    pool = BlockPool(4)
+    blocks = pool.get_new_blocks(3)
+    asked = []
+
+    def hashes_upto(n):
+        asked.append(n)
+        return [7, 8, 9][:max(n, 1)]
+
+    run = pool.begin_run(blocks, 7, hashes_upto)
+    pool.cache_blocks(run, 0, 2)
+    pool.cache_block(run, 2)
+    assert asked == []
+    assert pool.root_cached(7) and asked == [3]
     assert pool.cached_block_hash_to_block == {7: 0, 8: 1, 9: 2}
 
 
@@ -206,6 +229,7 @@ def test_evicted_owner_leaves_no_entry_even_if_a_duplicate_survives():
     pool.free_blocks([a])
     pool.get_new_blocks(1)  # evicts the owner
     assert pool.cached_blocks() == {} and pool.block_hash[b] == 5  # b keeps its hash, unindexed
+    assert pool.is_cached().tolist() == [False, True, False]
 
 
 def test_reset_prefix_cache_drops_only_free_blocks():
@@ -215,7 +239,7 @@ def test_reset_prefix_cache_drops_only_free_blocks():
     register(pool, blocks[2:], [3, 4])
     pool.free_blocks([blocks[0], blocks[2]])
     assert pool.reset_prefix_cache() == 2
-    assert pool.block_hash[[blocks[0], blocks[2]]].tolist() == [NO_HASH, NO_HASH]
+    assert pool.is_cached().tolist() == [False, True, False, True]
     assert pool.cached_blocks() == {2: blocks[1], 4: blocks[3]}
     assert pool.num_free_blocks == 2 and ids(pool) == [0, 2]
     assert pool.reset_prefix_cache() == 0
@@ -303,7 +327,7 @@ def test_pool_matches_the_eager_reference(num_blocks, ops):
             ref.touch(hit)
             blocks = hit + pool.get_new_blocks(need)
             assert blocks == hit + ref.take(need)
-            run = pool.begin_run(blocks, hashes)
+            run = begin(pool, blocks, hashes)
             pool.cache_blocks(run, 0, len(blocks))
             ref.register(blocks, hashes)
             live.append((tokens, hashes, blocks, run))
@@ -330,7 +354,7 @@ def test_pool_matches_the_eager_reference(num_blocks, ops):
                 ref.hash[b] = None
         assert ids(pool) == ref.free
         assert pool.ref_cnt.tolist() == ref.ref
-        assert pool.block_hash.tolist() == [NO_HASH if h is None else h for h in ref.hash]
+        assert pool.is_cached().tolist() == [h is not None for h in ref.hash]
         assert pool.cached_blocks() == ref.index
         assert pool.num_evictions == ref.evictions
 
