@@ -429,11 +429,17 @@ class LazyDecodeScheduler(Scheduler):
 
     # --- fast-forward ------------------------------------------------------------------
     def decode_horizon(self) -> int:
-        """Like ``Scheduler.decode_horizon``, in O(1) of the batch when every running request is parked."""
+        """Like ``Scheduler.decode_horizon``, in O(1) of the batch when every running request is parked.
+
+        Unlike the plain scheduler, a request that finished (or was aborted) since the last
+        step does not stop the run when nobody waits: the blocks it freed could only matter to
+        admission, and this scheduler's backend (the simulator's) needs no finished ids, which
+        ``apply_decode_steps`` hands over. A step right after each finish is otherwise plain.
+        """
         if self._active or not self._parked:
             return 0
         running = self.running
-        if self.finished_req_ids or len(running) > self.config.max_num_batched_tokens:
+        if (self.finished_req_ids and self.waiting) or len(running) > self.config.max_num_batched_tokens:
             return 0
         if self.waiting and not self._admission_stays_blocked():
             return 0
@@ -468,6 +474,7 @@ class LazyDecodeScheduler(Scheduler):
         if self._active or not self._parked or self._next_finish() < s0 + k:
             raise RuntimeError(f"apply_decode_steps({k}): not a run of identical pure-decode steps "
                                "(see decode_horizon)")
+        self.finished_req_ids = []  # delivered with the run (see decode_horizon)
         for s in range(s0 + 1, s0 + k + 1):
             self._run_edges(self._edge_requests(s), s)
         ends = self._ends
