@@ -84,14 +84,16 @@ FULL_PASSES = (SweepPass(256, 32, 1024, 3), SweepPass(256, 800, 2000, 3), SweepP
                SweepPass(16, 16, 600, 12),
                SweepPass(16, 64, 3000, 12, inject_every=2),
                SweepPass(16, 200, 3000, 10, inject_every=8, inject_tokens=(1100, 2000, 3000, 4000),
-                         max_num_batched_tokens=512))
+                         max_num_batched_tokens=512),
+               SweepPass(8, 50, 1500, 60, inject_every=1 << 30))  # long runs of pure decoding
 QUICK_PASSES = (SweepPass(6, 8, 40, 1, inject_tokens=QUICK_INJECT_TOKENS),
                 SweepPass(3, 60, 120, 2, inject_tokens=QUICK_INJECT_TOKENS),
                 SweepPass(2, 8, 40, 2, inject_every=3, inject_tokens=(90,), max_num_batched_tokens=40))
 # Small batches get more steps (at least this many divided by the batch size): serving spends
 # most of its steps at low load there, and one batch size has only a few graph sizes near it.
-SMALL_BATCH_STEPS = 24
+SMALL_BATCH_STEPS = 96
 OUTLIER_SIGMAS = 3.5
+MIN_EAGER_POINTS = 25  # five coefficients: fewer device-bound eager steps keep the older eager terms
 # Knots of the mixed steps' leftover vs their decode rows: it is not linear in them (the H200
 # sweep: +25 % at 1-2 decoders, -4 % at 16-64 with one per-request slope).
 DECODE_KNOTS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -273,7 +275,7 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
     floor = _eager_floor_wall(profile)
     every = groups.get(("eager", 0), [])
     eager = [r for r in every if r[2] >= floor(r[0].num_tokens)]  # device-bound ones
-    if len(eager) >= 8:
+    if len(eager) >= MIN_EAGER_POINTS:
         fit = joint_fit([(0, eager)], lambda s: [1.0, s.num_tokens], lambda size, s: _shared_terms(s),
                         lambda size, shared: shared)
         fits["eager"] = {"coef": fit["coef"][0], "points": fit["points"][0]}

@@ -45,8 +45,15 @@ done_part model $?
 
 timeout 130 python3 -m pytest -q -x -p no:cacheprovider tests/executor/test_engine_vs_hf.py tests/executor/test_llm.py \
   > "$W/pytest_gpu.log" 2>&1
-done_part pytest-gpu $?
+rc=$?
+done_part pytest-gpu $rc
 tail -3 "$W/pytest_gpu.log"
+if (( rc != 0 )); then  # a crash hides which call failed: rerun the GPU-pool test with synchronous launches
+  CUDA_LAUNCH_BLOCKING=1 timeout 90 python3 -m pytest -q -x -p no:cacheprovider --tb=long \
+    tests/executor/test_llm.py::test_gpu_profiled_pool_and_graphs_match_eager > "$W/pytest_gpu_blocking.log" 2>&1
+  done_part pytest-gpu-blocking $?
+  grep -E "Error|error|assert|model_runner|kv_cache|block_pool|\.py:[0-9]+" "$W/pytest_gpu_blocking.log" | grep -v "^  File \"/usr\|site-packages" | head -30
+fi
 
 timeout 210 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$PROFILE" \
   --num-gpu-blocks 32768 > "$W/profile.log" 2>&1
