@@ -135,7 +135,7 @@ class ChainRun:
     hashes are not even computed (see ``BlockPool``).
     """
 
-    __slots__ = ("run_id", "root", "blocks", "hashes_upto", "num_blocks", "eager")
+    __slots__ = ("run_id", "root", "blocks", "hashes_upto", "num_blocks", "eager", "catch_up")
 
     def __init__(self, run_id: int, root: int, blocks: list[int], hashes_upto: Callable[[int], list[int]],
                  eager: bool) -> None:
@@ -145,6 +145,9 @@ class ChainRun:
         self.hashes_upto = hashes_upto
         self.num_blocks = 0
         self.eager = eager
+        # Set by a scheduler that defers a lazy run's registrations: catch_up(end) applies them
+        # (and with end=True stops deferring); called before anything reads num_blocks.
+        self.catch_up: Callable[[bool], None] | None = None
 
 
 class BlockPool:
@@ -177,7 +180,7 @@ class BlockPool:
         self._roots: dict[int, int] = {}  # root hash -> lazy run id, or EAGER
         self._runs: dict[int, ChainRun] = {}  # lazy runs by id
         self._next_run_id = 0
-        self._prune_at = 1024
+        self._prune_at = 4096
         self.num_evictions = 0
 
     @property
@@ -315,7 +318,10 @@ class BlockPool:
 
     def _materialize(self, run_id: int) -> bool:
         """Move a lazy run's cached blocks into the eager index; False if none is cached."""
-        run = self._runs.pop(run_id)
+        run = self._runs[run_id]
+        if run.catch_up is not None:
+            run.catch_up(True)
+        del self._runs[run_id]
         run.eager = True
         n = run.num_blocks
         idx = np.array(run.blocks[:n], dtype=np.int64)
@@ -334,17 +340,19 @@ class BlockPool:
 
     def _prune_runs(self) -> None:
         """Forget lazy runs none of whose blocks is cached any more (they index nothing)."""
-        run_of = self.run_of
-        live = set(np.unique(run_of[run_of >= 0]).tolist())
-        for run_id in [r for r in self._runs if r not in live]:
+        marked = self.run_of[self.run_of >= 0]
+        live = np.bincount(marked, minlength=self._next_run_id) if len(marked) else np.zeros(self._next_run_id)
+        for run_id in [r for r in self._runs if not live[r]]:
             del self._roots[self._runs.pop(run_id).root]
-        self._prune_at = 2 * len(self._runs) + 1024
+        self._prune_at = 4 * len(self._runs) + 4096  # amortized O(1) per run; a few MB of dead runs at most
 
     def cached_blocks(self) -> dict[int, int]:
         """Every cached hash -> block, as the eager index would hold it; for tests and debugging."""
         out = dict(self.cached_block_hash_to_block)
         run_of = self.run_of
-        for run in self._runs.values():
+        for run in list(self._runs.values()):
+            if run.catch_up is not None:
+                run.catch_up(False)
             n = run.num_blocks
             for b, h in zip(run.blocks[:n], run.hashes_upto(n)):
                 if run_of.item(b) == run.run_id:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from array import array
+from functools import partial
 
 from core.config import CacheConfig, SchedulerConfig
 from core.request import Request, RequestStatus
@@ -52,6 +53,8 @@ class _Parked:
 
 
 class LazyDecodeScheduler(Scheduler):
+    emits_token_ids = False  # its backend knows every id (see the module docstring)
+
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  eos_token_id: int | None = None, default_token_id: int = 1) -> None:
         super().__init__(scheduler_config, cache_config, eos_token_id)
@@ -59,6 +62,11 @@ class LazyDecodeScheduler(Scheduler):
         self._default_block = (default_token_id,) * cache_config.block_size
         self._parked: dict[Request, _Parked] = {}
         self._phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]  # sorted by _seq
+        # The parked requests whose block registrations run at their edges; the others' are
+        # deferred (see _defer_registrations), in the same phase buckets, also sorted by _seq.
+        self._reg_phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]
+        self._defer = cache_config.enable_prefix_caching and cache_config.block_size > 1
+        self._interleaving = False  # inside schedule()'s merged loop of active and parked requests
         self._finish_at: dict[int, list[Request]] = {}
         self._finish_steps: list[int] = []  # heap of keys of _finish_at (stale keys popped lazily)
         self._offsets: list[tuple[int, int, Request]] = []  # heap of (-(c0 - p), seq, req), stale entries skipped
@@ -90,6 +98,30 @@ class LazyDecodeScheduler(Scheduler):
         known = len(request.all_token_ids) - len(request.prompt_token_ids)
         if known < num_outputs:
             request.all_token_ids.extend(self._oracle(request, known, num_outputs))
+
+    def _catch_up(self, request: Request, end: bool) -> None:
+        """Apply a parked request's deferred block registrations; with ``end``, stop deferring.
+
+        A parked request whose chain is lazy (``core.block_pool.ChainRun``: nobody else shares
+        its root) does not register its blocks at its edges: a lazy chain's registrations
+        change nothing anyone can observe until the chain is materialized, which calls this
+        first (as do unparking and ``BlockPool.cached_blocks``). That saves one edge visit per
+        ``block_size`` decode steps of most requests. It registers every block filled through
+        the last step whose edges ran: ``step_id``, or ``step_id - 1`` inside ``schedule``'s
+        merged loop, where the request's own edge of this step comes at its place in order.
+        """
+        run = self.kv.req_to_run.get(request.request_id)
+        if run is None or run.catch_up is None:
+            return
+        st = self._parked[request]
+        steps = self.step_id - st.p - (1 if self._interleaving else 0)
+        if steps >= 0:
+            self._fill_tokens(request, st.n0 + steps)
+            self.kv.cache_blocks(request, st.c0 + steps + 1)
+        if end:
+            run.catch_up = None
+            if request in self._parked:
+                bisect.insort(self._reg_phases[st.phase], request, key=self._seq.__getitem__)
 
     def _fill_to_length(self, request: Request, num_tokens: int) -> None:
         self._fill_tokens(request, num_tokens - len(request.prompt_token_ids))
@@ -130,6 +162,11 @@ class LazyDecodeScheduler(Scheduler):
         self._parked[request] = st
         seq = self._seq[request]
         bisect.insort(self._phases[st.phase], request, key=self._seq.__getitem__)
+        run = kv.req_to_run.get(rid)
+        if self._defer and run is not None and not run.eager:
+            run.catch_up = partial(self._catch_up, request)
+        else:
+            bisect.insort(self._reg_phases[st.phase], request, key=self._seq.__getitem__)
         finish_list = self._finish_at.get(st.finish)
         if finish_list is None:
             self._finish_at[st.finish] = [request]
@@ -141,8 +178,10 @@ class LazyDecodeScheduler(Scheduler):
 
     def _unpark(self, request: Request, last_step: int) -> _Parked:
         """Take one request out of the lazy state (its finish entry is the caller's), written back."""
+        self._catch_up(request, True)
         st = self._parked.pop(request)
         self._phases[st.phase].remove(request)
+        self._reg_phases[st.phase].remove(request)
         self._offset_sum -= st.c0 - st.p
         self._write_back(request, st, last_step)
         return st
@@ -153,9 +192,10 @@ class LazyDecodeScheduler(Scheduler):
             return
         last = self._last_stamped()
         for request, st in self._parked.items():
+            self._catch_up(request, True)
             self._write_back(request, st, last)
         self._parked.clear()
-        for bucket in self._phases:
+        for bucket in self._phases + self._reg_phases:
             bucket.clear()
         self._finish_at.clear()
         self._finish_steps.clear()
@@ -197,13 +237,22 @@ class LazyDecodeScheduler(Scheduler):
         return n, self._offset_sum + n * s + n, self._longest_offset() + s + 1
 
     # --- edges -----------------------------------------------------------------------
-    def _edge_requests(self, s: int) -> list[Request]:
-        """Parked requests at a block edge in step ``s``, in running order."""
+    def _num_edges(self, s: int) -> int:
+        """Parked requests at a block edge in step ``s`` (taking or registering a block)."""
+        bs = self.kv.block_size
+        n = len(self._phases[-s % bs])
+        if self.kv.enable_prefix_caching and bs > 1:
+            n += len(self._phases[(bs - 1 - s) % bs])
+        return n
+
+    def _edge_requests(self, s: int, deferred_too: bool = False) -> list[Request]:
+        """Parked requests at a block edge in step ``s``, in running order; a registration edge
+        of a request whose registrations are deferred only if ``deferred_too``."""
         bs = self.kv.block_size
         take = self._phases[-s % bs]
         if not self.kv.enable_prefix_caching or bs == 1:
             return take
-        reg = self._phases[(bs - 1 - s) % bs]
+        reg = (self._phases if deferred_too else self._reg_phases)[(bs - 1 - s) % bs]
         if not take:
             return reg
         if not reg:
@@ -271,15 +320,15 @@ class LazyDecodeScheduler(Scheduler):
     # --- one step --------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         s = self.step_id + 1
-        edges = self._edge_requests(s) if self._parked else []
-        if not self._parked or not self._fits(edges):
+        if not self._parked or not self._fits(self._num_edges(s)):
             return self._plain_schedule()
+        active = self._active
+        edges = self._edge_requests(s, deferred_too=bool(active))
         self.step_id = s
         out = SchedulerOutput(s, block_size=self.cache_config.block_size, finished_req_ids=self.finished_req_ids)
         self.finished_req_ids = []
         reqs: list[Request] = []
         nums: list[int] = []
-        active = self._active
         if not active:  # the common case: only parked requests, no merge needed
             self._run_edges(edges, s)
             order = []
@@ -290,6 +339,7 @@ class LazyDecodeScheduler(Scheduler):
         kv = self.kv
         parked = self._parked
         threshold = self.config.long_prefill_token_threshold
+        self._interleaving = True  # deferred registrations catch up to step s - 1 only (see _catch_up)
         for req in order:
             if req in parked:
                 self._run_edges([req], s)
@@ -307,6 +357,7 @@ class LazyDecodeScheduler(Scheduler):
                                    "_fits() admitted; this is a bug")
             reqs.append(req)
             nums.append(num_new)
+        self._interleaving = False
         n_parked = len(parked)
         budget = self.config.max_num_batched_tokens - sum(nums) - n_parked
         self._blocked = _BLOCKED_NONE
@@ -329,16 +380,16 @@ class LazyDecodeScheduler(Scheduler):
         self._active = list(self.running)
         return out
 
-    def _fits(self, edges: list[Request]) -> bool:
+    def _fits(self, num_edges: int) -> bool:
         """Whether the next step can run lazily: every running request gets its tokens within
-        the budget and every allocation (``edges`` and the active requests') is sure to succeed,
-        so nobody is preempted."""
+        the budget and every allocation (``num_edges`` parked requests' at most, and the active
+        requests') is sure to succeed, so nobody is preempted."""
         kv = self.kv
         bs = kv.block_size
         held = kv.req_to_block_ids
         threshold = self.config.long_prefill_token_threshold
         demand = len(self._parked)
-        need = len(edges)
+        need = num_edges
         for r in self._active:
             c = r.num_computed_tokens
             n = len(r.all_token_ids) - c

@@ -40,6 +40,10 @@ def largest_fitting(k: int, need: Callable[[int], int], limit: int) -> int:
 
 
 class Scheduler:
+    #: Whether ``SchedulerOutput.new_token_ids`` is filled. Copying every prompt chunk's ids
+    #: is wasted work for a backend that never reads them (the simulator's).
+    emits_token_ids = True
+
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  eos_token_id: int | None = None) -> None:
         self.config = scheduler_config
@@ -215,7 +219,8 @@ class Scheduler:
         out.req_ids = [r.request_id for r in reqs]
         out.num_new_tokens = nums
         computed = out.num_computed_tokens = [r.num_computed_tokens for r in reqs]
-        out.new_token_ids = [r.all_token_ids[c:c + n] for r, c, n in zip(reqs, computed, nums)]
+        if self.emits_token_ids:
+            out.new_token_ids = [r.all_token_ids[c:c + n] for r, c, n in zip(reqs, computed, nums)]
         out.block_tables = [block_ids[rid] for rid in out.req_ids]
         out.samples = [c + n >= len(r.all_token_ids) for r, c, n in zip(reqs, computed, nums)]
         out.total_num_scheduled_tokens = sum(nums)

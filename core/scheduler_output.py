@@ -19,7 +19,9 @@ class SchedulerOutput:
     ``new_token_ids[i]``; their KV goes to the slots given by ``block_tables[i]``
     (``block_tables[i][pos // block_size] * block_size + pos % block_size``). A request
     samples a token this step iff ``samples[i]`` (its last scheduled token is the last
-    known token, i.e. its prefill is complete or it is decoding).
+    known token, i.e. its prefill is complete or it is decoding). ``new_token_ids`` is
+    empty from a scheduler whose ``emits_token_ids`` is False (the simulator's
+    ``LazyDecodeScheduler``: its backend knows the ids and never reads them).
     """
 
     step_id: int

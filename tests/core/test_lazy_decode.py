@@ -25,8 +25,8 @@ def _cfg(policy="fcfs", batching="continuous", mode="recompute", bs=16, blocks=6
 def _pool_state(sched):
     kv = sched.kv
     pool = kv.block_pool
-    return (dict(kv.req_to_block_ids), pool.free_block_queue.block_ids(),
-            pool.cached_blocks(), pool.num_evictions,
+    cached = pool.cached_blocks()  # first: applies a lazy scheduler's deferred registrations
+    return (dict(kv.req_to_block_ids), pool.free_block_queue.block_ids(), cached, pool.num_evictions,
             dict(kv.num_cached_blocks))
 
 
