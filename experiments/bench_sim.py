@@ -5,7 +5,8 @@ Usage: python -m experiments.bench_sim [--num-requests 10000] [--rate R] [--prof
 Llama-3.1-8B on one H100, vLLM-like defaults with prefix caching. The event-loop time
 covers the SimPy run (scheduling, cost model, metrics not included); the process time
 counts from interpreter start, imports included. Without --rate the capacity is first
-measured by an overloaded probe run (not timed) and the rate set to 80% of it.
+measured by an overloaded probe run (3,000 requests) in a child process and the rate set
+to 80% of it; the process time leaves out the wait for that child (``probe_s``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,14 @@ def _workload(n: int, rate: float):
                                          num_requests=n, seed=0, max_model_len=8192))
 
 
+def _probe_capacity(cfg: SimulationConfig) -> float:
+    """Requests/s of an overloaded 3,000-request run (``--probe``), in a child process."""
+    flags = [] if cfg.fast_forward else ["--no-fast-forward"]
+    child = subprocess.run([sys.executable, "-m", "experiments.bench_sim", "--probe", *flags], capture_output=True,
+                           text=True, check=True)
+    return float(child.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-requests", type=int, default=10_000)
@@ -45,14 +55,20 @@ def main() -> None:
     ap.add_argument("--no-fast-forward", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile the event loop with pyinstrument")
     ap.add_argument("--out", default=None, help="JSON file to write (default: experiments/results/bench_sim_N.json)")
+    ap.add_argument("--probe", action="store_true", help="only print the capacity probe's requests/s")
     args = ap.parse_args()
     cfg = SimulationConfig(model="Llama-3.1-8B", hardware="H100", fast_forward=not args.no_fast_forward,
                            record_steps=True)
+    if args.probe:
+        print(run_simulation(cfg, _workload(3000, 1000.0)).metrics["request_throughput"])
+        return
     rate = args.rate
     capacity = None
+    probe_s = 0.0
     if rate is None:
-        probe = run_simulation(cfg, _workload(3000, 1000.0))
-        capacity = probe.metrics["request_throughput"]
+        t_probe = time.perf_counter()
+        capacity = _probe_capacity(cfg)
+        probe_s = time.perf_counter() - t_probe
         rate = round(0.8 * capacity, 2)
     t_build = time.perf_counter()
     workload = _workload(args.num_requests, rate)
@@ -83,13 +99,13 @@ def main() -> None:
         print(profiler.output_text(unicode=False, color=False, show_all=False))
     from core.metrics import summarize
     metrics = summarize(result.requests, result.steps)
-    process = _process_age()
+    process = _process_age() - probe_s
     process_cpu = time.process_time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {
         "num_requests": args.num_requests, "rate": rate, "measured_capacity_req_s": capacity,
         "fast_forward": cfg.fast_forward, "event_loop_s": loop, "event_loop_cpu_s": loop_cpu, "workload_build_s": t_built - t_build,
-        "process_s": process, "process_cpu_s": process_cpu, "events": result.num_events,
+        "process_s": process, "process_cpu_s": process_cpu, "probe_s": probe_s, "events": result.num_events,
         "engine_steps": sum(s.num_steps for s in result.steps), "simulated_s": result.duration,
         "sim_requests_per_s": args.num_requests / loop, "sim_requests_per_cpu_s": args.num_requests / loop_cpu, "request_throughput": metrics["request_throughput"],
         "median_ttft_ms": metrics["median_ttft_ms"], "median_tpot_ms": metrics["median_tpot_ms"],
