@@ -195,7 +195,7 @@ class BlockPool:
             raise RuntimeError(f"cannot get {n} blocks: only {queue.num_free_blocks} free")
         ids = queue.popleft_n(n)
         cached = (self.block_hash[ids] != NO_HASH) | (self.run_of[ids] >= 0)
-        if cached.any():
+        if np.count_nonzero(cached):
             evicted = ids[cached]
             self._evict(evicted)
             self.num_evictions += len(evicted)
@@ -207,7 +207,7 @@ class BlockPool:
         run_of = self.run_of
         bh = self.block_hash
         lazy = run_of[blocks] >= 0
-        if lazy.all():
+        if np.count_nonzero(lazy) == len(lazy):
             run_of[blocks] = -1
             return
         run_of[blocks[lazy]] = -1
@@ -274,7 +274,7 @@ class BlockPool:
         bh = self.block_hash
         idx = np.array(blocks, dtype=np.int64)
         fresh = bh[idx] == NO_HASH
-        if not fresh.all():  # prefix hits, already registered: they keep their hash
+        if np.count_nonzero(fresh) != len(fresh):  # prefix hits, already registered: they keep their hash
             keep = fresh.tolist()
             idx = idx[fresh]
             blocks = list(compress(blocks, keep))
@@ -326,7 +326,7 @@ class BlockPool:
         n = run.num_blocks
         idx = np.array(run.blocks[:n], dtype=np.int64)
         live = self.run_of[idx] == run_id
-        if not live.any():
+        if not np.count_nonzero(live):
             del self._roots[run.root]
             return False
         self._roots[run.root] = EAGER
@@ -379,9 +379,14 @@ class BlockPool:
         before its (more shareable) first blocks. A block may appear once per call.
         """
         idx = np.array(ordered_blocks, dtype=np.int64)
-        ref = self.ref_cnt[idx] - 1
-        if (ref < 0).any():
-            raise RuntimeError(f"double free of block {int(idx[ref < 0][0])}")
+        ref = self.ref_cnt[idx]
+        if np.minimum.reduce(ref, initial=1) < 1:
+            raise RuntimeError(f"double free of block {int(idx[ref < 1][0])}")
+        if np.maximum.reduce(ref, initial=1) == 1:  # the common case: nobody else holds any of them
+            self.ref_cnt[idx] = 0
+            self.free_block_queue.append_n(idx)
+            return
+        ref -= 1
         self.ref_cnt[idx] = ref
         self.free_block_queue.append_n(idx[ref == 0])
 

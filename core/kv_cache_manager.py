@@ -178,9 +178,12 @@ class KVCacheManager:
             self._cache_full_blocks(request, blocks, c + 1)
         return True
 
-    def _cache_full_blocks(self, request: Request, blocks: list[int], num_tokens: int) -> None:
+    def _cache_full_blocks(self, request: Request, blocks: list[int], num_tokens: int,
+                           tokens_known: bool = False) -> None:
         rid = request.request_id
-        num_full = min(num_tokens, request.num_tokens - request.num_pending_tokens) // self.block_size
+        if not tokens_known:
+            num_tokens = min(num_tokens, request.num_tokens - request.num_pending_tokens)
+        num_full = num_tokens // self.block_size
         start = self.num_cached_blocks[rid]
         if num_full <= start:
             return
@@ -195,10 +198,14 @@ class KVCacheManager:
             pool.cache_blocks(run, start, num_full)
         self.num_cached_blocks[rid] = num_full
 
-    def cache_blocks(self, request: Request, num_tokens: int) -> None:
-        """Register the request's blocks that ``num_tokens`` known tokens fill (bulk decode)."""
+    def cache_blocks(self, request: Request, num_tokens: int, tokens_known: bool = False) -> None:
+        """Register the request's blocks that ``num_tokens`` known tokens fill (bulk decode).
+
+        Only tokens in ``all_token_ids`` (and not pending) count, unless ``tokens_known``: the
+        caller vouches for the rest (``fill_tokens`` provides them if a hash needs them).
+        """
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, self.req_to_block_ids[request.request_id], num_tokens)
+            self._cache_full_blocks(request, self.req_to_block_ids[request.request_id], num_tokens, tokens_known)
 
     def _drop(self, rid: str) -> None:
         del self.req_to_block_ids[rid]

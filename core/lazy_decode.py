@@ -115,9 +115,8 @@ class LazyDecodeScheduler(Scheduler):
             return
         st = self._parked[request]
         steps = self.step_id - st.p - (1 if self._interleaving else 0)
-        if steps >= 0:
-            self._fill_tokens(request, st.n0 + steps)
-            self.kv.cache_blocks(request, st.c0 + steps + 1)
+        if steps >= 0:  # the oracle knows its tokens: no need to write them for a lazy chain
+            self.kv.cache_blocks(request, st.c0 + steps + 1, tokens_known=True)
         if end:
             run.catch_up = None
             if request in self._parked:

@@ -42,6 +42,8 @@ DEFAULT_CPU_OVERHEAD_S = 2e-3
 # top-k/top-p selection, draw.
 _SAMPLING_PASSES = 4
 _LOGIT_BYTES = 4
+# Fast-forward runs up to this many steps are costed in plain Python (bench_sim's average 3).
+_SHORT_RUN = 32
 
 
 class RooflineCostModel(CostModel):
@@ -182,6 +184,12 @@ class RooflineCostModel(CostModel):
         if batch_size == 0:
             return np.full(k, first.total)
         m = self._microbatches(batch_size)
+        stages = self._pp + m - 1
+        if k <= _SHORT_RUN:  # numpy's per-call cost dominates a short run: the same float ops, one by one
+            b = batch_size / m
+            attn = [stages * self._attn_decode(b, (sum_context + batch_size * float(j)) / m, max) for j in range(k)]
+            rest = first.total - attn[0]
+            return np.array([rest + a for a in attn])
         context = (sum_context + batch_size * np.arange(k, dtype=float)) / m
-        attn = (self._pp + m - 1) * self._attn_decode(batch_size / m, context, np.maximum)
+        attn = stages * self._attn_decode(batch_size / m, context, np.maximum)
         return (first.total - attn[0]) + attn

@@ -448,3 +448,16 @@ def test_batch_shape_longest_decode_context() -> None:
     assert BatchShape.decode(0, 0).max_decode_context == 0
     assert BatchShape.from_lists([1, 1, 300], [50, 90, 400]).max_decode_context == 90
     assert BatchShape.from_lists([300], [400]).max_decode_context == 0
+
+
+@pytest.mark.parametrize("pp,micro", [(1, 1), (2, 3)])
+def test_roofline_short_runs_are_costed_bitwise_like_long_ones(monkeypatch, pp, micro):
+    """Short fast-forward runs skip numpy (its per-call cost dominates); the durations must be
+    the very same floats, or a simulation's event times would depend on the run length."""
+    import simulator.cost_model.roofline as roofline
+    cm = RooflineCostModel(get_model("Llama-3.1-8B"), get_hardware("H100"),
+                           ParallelConfig(pp=pp, num_microbatches=micro))
+    cases = [(1, 100, 1), (7, 9000, 5), (256, 300_000, roofline._SHORT_RUN)]
+    short = [cm.decode_step_times(*c) for c in cases]
+    monkeypatch.setattr(roofline, "_SHORT_RUN", 0)
+    assert all(np.array_equal(a, cm.decode_step_times(*c)) for a, c in zip(short, cases))
