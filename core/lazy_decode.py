@@ -506,6 +506,33 @@ class LazyDecodeScheduler(Scheduler):
             heapq.heappop(steps)
         return steps[0]
 
+    def _take_all_blocks(self, s0: int, k: int) -> bool:
+        """The edges of steps ``s0+1..s0+k`` in one go, if they only take blocks; else False.
+
+        Taking blocks in step order and running order from the LRU head is one
+        ``get_new_blocks`` of them all. Only a registration that touches the index (an eager
+        chain's; lazy chains' are deferred, see ``_catch_up``) could tell the order apart.
+        """
+        kv = self.kv
+        bs = kv.block_size
+        steps = range(s0 + 1, s0 + k + 1)
+        if kv.enable_prefix_caching and (bs == 1 or any(self._reg_phases[(bs - 1 - s) % bs] for s in steps)):
+            return False
+        parked = self._parked
+        phases = self._phases
+        tables: list[list[int]] = []  # one entry per block to take, in order
+        for s in steps:
+            for r in phases[-s % bs]:
+                st = parked[r]
+                # Edges come at multiples of bs, so a request's earlier take in this run (not
+                # appended yet) never changes whether this one is needed.
+                if st.c0 + s - st.p >= len(st.block_ids) * bs:
+                    tables.append(st.block_ids)
+        if tables:
+            for table, block in zip(tables, kv.block_pool.get_new_blocks(len(tables))):
+                table.append(block)
+        return True
+
     def _takes_within(self, k: int) -> int:
         """Blocks the parked requests may take in the next ``k`` steps (an upper bound)."""
         bs = self.kv.block_size
@@ -525,8 +552,9 @@ class LazyDecodeScheduler(Scheduler):
             raise RuntimeError(f"apply_decode_steps({k}): not a run of identical pure-decode steps "
                                "(see decode_horizon)")
         self.finished_req_ids = []  # delivered with the run (see decode_horizon)
-        for s in range(s0 + 1, s0 + k + 1):
-            self._run_edges(self._edge_requests(s), s)
+        if not self._take_all_blocks(s0, k):
+            for s in range(s0 + 1, s0 + k + 1):
+                self._run_edges(self._edge_requests(s), s)
         ends = self._ends
         if len(ends) <= s0:
             ends.extend([0.0] * (s0 + 1 - len(ends)))

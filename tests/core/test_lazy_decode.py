@@ -163,3 +163,34 @@ def test_use_lazy_decode_only_on_a_fresh_engine():
     eng.add_request(fk.make_request("x", 8))
     with pytest.raises(RuntimeError, match="before the engine gets requests"):
         eng.use_lazy_decode(1)
+
+
+@pytest.mark.parametrize("bs,blocks", [(4, 60), (4, 400), (16, 40)])
+def test_lazy_fast_forward_runs_leave_the_plain_kv_state(bs, blocks):
+    """Every request arrives at once; the lazy engine fast-forwards whenever it can (taking a
+    run's blocks in one go, deferring lazy chains' registrations) while the plain one steps:
+    after each run the KV state (tables, free order, index, evictions) is the same."""
+    specs = fk.random_workload(3, n=30, rate=1e9, prompt_len=(4, 60), max_tokens=(10, 60), vocab=3)
+    sc, cc = _cfg(bs=bs, blocks=blocks, budget=64)
+    plain, lazy = fk.make_engine(sc, cc, fk.fixed_token(1)), fk.make_engine(sc, cc, fk.fixed_token(1))
+    lazy.use_lazy_decode(default_token_id=1)
+    lazy.backend.bind(lazy.scheduler.requests)
+    for s in specs:
+        plain.add_request(s.build())
+        lazy.add_request(s.build())
+    now, runs = 0.0, 0
+    while plain.has_unfinished():
+        k = lazy.decode_horizon()
+        if k >= 2:
+            durations = []
+            for _ in range(k):
+                durations.append(plain.step(now + sum(durations)).duration)
+            lazy.apply_decode_steps(now, durations, None)
+            now += sum(durations)
+            runs += 1
+        else:
+            sa, sb = plain.step(now), lazy.step(now)
+            assert sa.duration == sb.duration
+            now += sa.duration
+        assert _pool_state(plain.scheduler) == _pool_state(lazy.scheduler)
+    assert not lazy.has_unfinished() and runs > 5
