@@ -91,6 +91,23 @@ def test_mixed_batch_matches_hf(models: dict[str, tuple[Path, Any]], name: str) 
         assert stats.graph_steps > 0, "pure-decode steps should replay CUDA graphs"
 
 
+@pytest.mark.skipif(not CUDA, reason="captures real CUDA graphs of more than 2,048 tokens")
+def test_mixed_graphs_above_2048_tokens_match_hf(make_tiny_model: Callable[..., Path],
+                                                  load_hf: Callable[[Path], Any]) -> None:
+    """A first step of 3,740 tokens (a 3,000-token prompt beside two short ones) replays the
+    4,096-token mixed graph, with padding tokens and empty padding requests, and decodes like HF."""
+    path = make_tiny_model("Qwen3ForCausalLM", {"max_position_embeddings": 4096})
+    hf = load_hf(path)
+    hf.generation_config.eos_token_id = None
+    llm = make_llm(path, max_model_len=4096, num_gpu_blocks=512, max_num_batched_tokens=4096)
+    prompts = [tokens(n, 900 + n) for n in (3000, 40, 700)]
+    lengths = [6, 12, 8]
+    outputs = llm.generate(prompts, [greedy(n) for n in lengths], use_tqdm=False)
+    check_against_hf(hf, prompts, lengths, outputs)
+    stats = llm.runner.stats
+    assert 4096 in stats.mixed_graph_sizes and stats.eager_steps == 0
+
+
 def test_chunked_prefill_matches_hf(models: dict[str, tuple[Path, Any]]) -> None:
     path, hf = models["llama"]
     llm = make_llm(path, max_num_batched_tokens=32)
