@@ -44,6 +44,7 @@ import gc
 import json
 import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -406,6 +407,31 @@ def summarize_errors(table: Any) -> dict[str, Any]:
             "p99_le_8pct": all(per_metric[k] is not None and per_metric[k] <= 0.08 for k in TAIL_TARGETS),
         }
     return out
+
+
+def run_spread(roots: list[Path]) -> dict[str, Any]:
+    """How far real runs of the same cases (on other machines or processes) are from each
+    other: for every ordered pair of roots, the median over their common cases of
+    |metric_a / metric_b - 1|; per metric the median over pairs (and the pairs themselves).
+    Why: the error a simulator could reach against one run is bounded below by how well
+    another run of the same workload would predict it, so the targets must be read against it."""
+    if len(roots) < 2:
+        raise ValueError(f"need at least two real roots to compare, got {len(roots)}")
+    metrics = [{d.parent.name: json.loads((d.parent / "metrics.json").read_text())
+                for d in sorted(root.glob("*/case.json")) if (d.parent / "metrics.json").exists()} for root in roots]
+    keys = (*TARGETS, *TAIL_TARGETS)
+    pairs: dict[str, dict[str, float]] = {}
+    for i, a in enumerate(metrics):
+        for j, b in enumerate(metrics):
+            cases = sorted(set(a) & set(b))
+            if i == j or not cases:
+                continue
+            pairs[f"{roots[i]} vs {roots[j]}"] = {
+                k: statistics.median([abs(a[c][k] / b[c][k] - 1) for c in cases if b[c].get(k)]) for k in keys}
+    if not pairs:
+        raise ValueError("the real roots share no case")
+    return {"median_over_pairs": {k: statistics.median([v[k] for v in pairs.values()]) for k in keys},
+            "pairs": pairs}
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -859,6 +885,8 @@ def main(argv: list[str] | None = None) -> None:
     lc.add_argument("--device", default="NVIDIA H200")
     lc.add_argument("--num-gpu-blocks", type=int, required=True, help="the real phase's KV pool")
     lc.add_argument("--max-model-len", type=int, default=16384)
+    sp = sub.add_parser("spread", help="run-to-run spread of real runs (the noise floor of the targets)")
+    sp.add_argument("--real", action="append", required=True, help="a real phase's root (two or more)")
     sub.add_parser("cases", help="list the cases")
     args = ap.parse_args(argv)
     if args.phase == "real":
@@ -891,6 +919,11 @@ def main(argv: list[str] | None = None) -> None:
                             model_name=args.model_name, device=args.device, num_gpu_blocks=args.num_gpu_blocks,
                             max_model_len=args.max_model_len)
         print(log_compare_markdown(table, list(profiles)))
+    elif args.phase == "spread":
+        spread = run_spread([Path(r) for r in args.real])
+        print("median |relative difference| between real runs (over cases, then over ordered pairs of runs):")
+        for k, v in spread["median_over_pairs"].items():
+            print(f"  {k:18s} {v * 100:5.1f}%")
     else:
         for name, case in CASES.items():
             print(f"{name:14s} {case.get('note', '')}")

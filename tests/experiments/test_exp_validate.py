@@ -334,3 +334,24 @@ def test_log_compare_simulates_the_logged_cases(tmp_path: Path) -> None:
     assert row["real"] == 21.4 and row["v2_rel_err"] == pytest.approx(row["v2"] / 21.4 - 1)
     md = (tmp_path / "out" / "log_compare.md").read_text()
     assert "| chunked_off | median_tpot_ms | 3.53 |" in md and (tmp_path / "out" / "log_compare.csv").exists()
+
+
+def test_run_spread_compares_every_ordered_pair_of_real_roots(tmp_path: Path) -> None:
+    """Two real roots, two common cases: the spread is the median |a/b - 1| per metric, both ways."""
+    base = {k: 10.0 for k in (*validate.TARGETS, *validate.TAIL_TARGETS)}
+    for root, scale in (("a", 1.0), ("b", 1.25)):
+        for case, extra in (("x", 1.0), ("y", 1.0)):
+            d = tmp_path / root / case
+            d.mkdir(parents=True)
+            (d / "case.json").write_text("{}")
+            (d / "metrics.json").write_text(json.dumps({k: v * scale * extra for k, v in base.items()}))
+    (tmp_path / "b" / "only_b").mkdir()  # a case the other root lacks is ignored
+    (tmp_path / "b" / "only_b" / "case.json").write_text("{}")
+    (tmp_path / "b" / "only_b" / "metrics.json").write_text(json.dumps(base))
+    spread = validate.run_spread([tmp_path / "a", tmp_path / "b"])
+    assert len(spread["pairs"]) == 2
+    ab, ba = spread["pairs"].values()
+    assert ab["median_ttft_ms"] == pytest.approx(0.2) and ba["median_ttft_ms"] == pytest.approx(0.25)
+    assert spread["median_over_pairs"]["output_throughput"] == pytest.approx(0.225)
+    with pytest.raises(ValueError, match="at least two"):
+        validate.run_spread([tmp_path / "a"])
