@@ -181,11 +181,14 @@ class ModelRunner:
         # launching ~10 kernels a layer from Python costs more than the GPU work (tensor
         # parallelism keeps them eager: its collectives are not captured for them).
         use_mixed = self.use_graphs and self.tp is None
-        self.mixed_capture_sizes = ((select_capture_sizes(mixed_cuda_graph_sizes, max_num_batched_tokens)
+        # No step can carry more tokens than its requests can hold: a 16k budget with 8
+        # sequences of at most 256 tokens makes steps of at most 2,048 tokens.
+        self.max_step_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
+        self.mixed_capture_sizes = ((select_capture_sizes(mixed_cuda_graph_sizes, self.max_step_tokens)
                                      if mixed_cuda_graph_sizes is not None
-                                     else default_mixed_capture_sizes(max_num_batched_tokens)) if use_mixed else [])
+                                     else default_mixed_capture_sizes(self.max_step_tokens)) if use_mixed else [])
         g_max = max(self.capture_sizes, default=0)
-        self._alloc_staging(max(max_num_batched_tokens, g_max), max(max_num_seqs, g_max))
+        self._alloc_staging(max(max_num_batched_tokens, g_max, *self.mixed_capture_sizes), max(max_num_seqs, g_max))
         self._init_rows(max(max_num_seqs, 1))
 
         # KV cache: profile the peak of a full-budget step, then give the rest to the pool.
@@ -349,10 +352,11 @@ class ModelRunner:
 
     # --- profiling ----------------------------------------------------------------------
     def _dummy_batch(self, num_reqs: int, num_tokens: int) -> tuple[list[int], list[int]]:
-        per = num_tokens // num_reqs
-        new = [per] * num_reqs
-        new[-1] += num_tokens - per * num_reqs
-        return new, [0] * num_reqs
+        """``num_tokens`` split as evenly as possible (the remainder one token each), so no
+        request is longer than it must be: with ``num_tokens <= num_reqs * max_model_len`` none
+        exceeds ``max_model_len`` (a longer one would read rotary tables past their end)."""
+        per, rem = divmod(num_tokens, num_reqs)
+        return [per + (i < rem) for i in range(num_reqs)], [0] * num_reqs
 
     @contextlib.contextmanager
     def _own_ops(self) -> Iterator[None]:
@@ -376,7 +380,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = self.max_num_batched_tokens
+        num_tokens = self.max_step_tokens
         num_reqs = min(self.max_num_seqs, num_tokens)
         new, computed = self._dummy_batch(num_reqs, num_tokens)
         seq_max = max(new)
@@ -473,10 +477,16 @@ class ModelRunner:
         for size in sorted(self.mixed_capture_sizes, reverse=True):
             reqs = self._mixed_reqs(size)
             o_pos, o_slot, o_qsl, o_seq, o_bt, *_, end = self._layout(size, reqs, width, 0)
-            h[:end] = 0  # one request of `size` tokens on block 0 (writing nothing), the rest empty
+            # `size` tokens in requests of at most max_model_len tokens on block 0 (writing
+            # nothing), the rest empty; the last capture size may exceed what a step can hold
+            # (the first size >= the cap is kept): its spare tokens belong to no request.
+            lens = [min(self.max_model_len, size - start) for start in range(0, size, self.max_model_len)][:reqs]
+            h[:end] = 0
             h[o_slot:o_slot + size] = -1
-            h[o_qsl + 1:o_qsl + reqs + 1] = size
-            h[o_seq] = size
+            h[o_qsl + 1:o_qsl + reqs + 1] = sum(lens)
+            h[o_qsl + 1:o_qsl + len(lens) + 1] = np.cumsum(lens)
+            h[o_seq:o_seq + len(lens)] = lens
+            h[o_pos:o_pos + sum(lens)] = np.concatenate([np.arange(n) for n in lens])
             if self.is_cuda:
                 self.dev_buf[:end].copy_(self.host_buf[:end])
             ids, positions, md = self._mixed_graph_inputs(size)

@@ -238,6 +238,25 @@ def test_gpu_profiled_pool_and_graphs_match_eager(model_dir: Path) -> None:
     assert auto.runner.stats.graph_steps > 0
 
 
+def test_no_dummy_or_captured_request_is_longer_than_max_model_len(model_dir: Path) -> None:
+    """The memory-profiling forward and the mixed-graph captures use requests of at most
+    ``max_model_len`` tokens (a 16k budget over 8 sequences once made 2,048-token dummy
+    requests whose positions ran past the rotary tables: an intermittent illegal memory
+    access on the GPU), and no graph is captured for more tokens than a step can hold."""
+    from executor.model_runner import ModelRunner
+
+    for num_reqs, num_tokens in [(8, 2048), (8, 2047), (3, 10), (5, 5)]:
+        new, computed = ModelRunner._dummy_batch(None, num_reqs, num_tokens)  # type: ignore[arg-type]
+        assert sum(new) == num_tokens and max(new) - min(new) <= 1 and computed == [0] * num_reqs
+    llm = LLM(model_dir, max_num_seqs=8, max_model_len=256, num_gpu_blocks=128, max_num_batched_tokens=16384,
+              emulate_cuda_graphs=True, device="cpu")
+    runner = llm.runner
+    assert runner.max_step_tokens == 8 * 256
+    assert max(runner.mixed_capture_sizes) == 2048
+    out = llm.generate([tokens(200, 1), tokens(230, 2)], [greedy(3), greedy(3)], use_tqdm=False)
+    assert [len(o.token_ids) for o in out] == [3, 3]
+
+
 def test_staging_layout_is_aligned() -> None:
     """Every region of the staging buffer starts 64-byte aligned (Triton specialises kernels
     on pointer alignment: unaligned views would compile new variants mid-run)."""
