@@ -123,6 +123,10 @@ class FreeBlockQueue:
 
 #: ``BlockPool._roots`` value of a root whose entries are in the eager index.
 EAGER = -1
+#: ``BlockPool.run_of`` of a block with no registered content, and of one in the eager index
+#: (its hash in ``block_hash``); a lazy run's blocks hold its id (>= 0).
+NOT_CACHED = -1
+IN_INDEX = -2
 
 
 class ChainRun:
@@ -174,7 +178,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.ref_cnt = np.zeros(num_blocks, dtype=np.int64)
         self.block_hash = np.full(num_blocks, NO_HASH, dtype=np.int64)  # of blocks in the eager index's chains
-        self.run_of = np.full(num_blocks, -1, dtype=np.int64)  # lazy run holding the block's content, or -1
+        self.run_of = np.full(num_blocks, NOT_CACHED, dtype=np.int64)  # lazy run id, NOT_CACHED or IN_INDEX
         self.free_block_queue = FreeBlockQueue(num_blocks)
         self.cached_block_hash_to_block: dict[int, int] = {}  # the eager index: hash -> block id
         self._roots: dict[int, int] = {}  # root hash -> lazy run id, or EAGER
@@ -194,24 +198,27 @@ class BlockPool:
         if n > queue.num_free_blocks:
             raise RuntimeError(f"cannot get {n} blocks: only {queue.num_free_blocks} free")
         ids = queue.popleft_n(n)
-        cached = (self.block_hash[ids] != NO_HASH) | (self.run_of[ids] >= 0)
-        if np.count_nonzero(cached):
-            evicted = ids[cached]
-            self._evict(evicted)
-            self.num_evictions += len(evicted)
+        state = self.run_of[ids]
+        cached = state != NOT_CACHED
+        num_cached = int(np.count_nonzero(cached))
+        if num_cached:
+            if num_cached == n:
+                self._evict(ids, state)
+            else:
+                self._evict(ids[cached], state[cached])
+            self.num_evictions += num_cached
         self.ref_cnt[ids] = 1
         return ids.tolist()
 
-    def _evict(self, blocks: np.ndarray) -> None:
-        """Forget the content of cached ``blocks``: lazy runs lose them, eager owners drop their entries."""
-        run_of = self.run_of
-        bh = self.block_hash
-        lazy = run_of[blocks] >= 0
-        if np.count_nonzero(lazy) == len(lazy):
-            run_of[blocks] = -1
+    def _evict(self, blocks: np.ndarray, state: np.ndarray) -> None:
+        """Forget the content of cached ``blocks`` (``state``: their ``run_of``): lazy runs lose
+        them, eager owners drop their index entries."""
+        self.run_of[blocks] = NOT_CACHED
+        eager = state == IN_INDEX
+        if not np.count_nonzero(eager):
             return
-        run_of[blocks[lazy]] = -1
-        eager_blocks = blocks[~lazy]
+        bh = self.block_hash
+        eager_blocks = blocks[eager]
         eager_hashes = bh[eager_blocks].tolist()
         bh[eager_blocks] = NO_HASH
         eager_blocks = eager_blocks.tolist()
@@ -228,17 +235,16 @@ class BlockPool:
         if not queue.num_free_blocks:
             raise RuntimeError("cannot get a block: none free")
         block = queue.popleft()
-        if self.run_of.item(block) >= 0:
-            self.run_of[block] = -1
+        state = self.run_of.item(block)
+        if state != NOT_CACHED:
+            self.run_of[block] = NOT_CACHED
             self.num_evictions += 1
-        else:
-            h = self.block_hash.item(block)
-            if h != NO_HASH:
+            if state == IN_INDEX:
+                h = self.block_hash.item(block)
                 index = self.cached_block_hash_to_block
                 if index.get(h) == block:
                     del index[h]
                 self.block_hash[block] = NO_HASH
-                self.num_evictions += 1
         self.ref_cnt[block] = 1
         return block
 
@@ -280,6 +286,7 @@ class BlockPool:
             blocks = list(compress(blocks, keep))
             hashes = list(compress(hashes, keep))
         bh[idx] = hashes
+        self.run_of[idx] = IN_INDEX
         deque(map(self.cached_block_hash_to_block.setdefault, hashes, blocks), 0)  # setdefault per pair, in C
 
     def cache_block(self, run: ChainRun, i: int) -> None:
@@ -293,6 +300,7 @@ class BlockPool:
         if bh.item(block) == NO_HASH:
             h = run.hashes_upto(i + 1)[i]
             bh[block] = h
+            self.run_of[block] = IN_INDEX
             self.cached_block_hash_to_block.setdefault(h, block)
 
     def root_cached(self, root: int) -> bool:
@@ -331,7 +339,7 @@ class BlockPool:
             return False
         self._roots[run.root] = EAGER
         live_idx = idx[live]
-        self.run_of[live_idx] = -1
+        self.run_of[live_idx] = IN_INDEX
         keep = live.tolist()
         hashes = list(compress(run.hashes_upto(n)[:n], keep))
         self.block_hash[live_idx] = hashes
@@ -341,7 +349,7 @@ class BlockPool:
     def _prune_runs(self) -> None:
         """Forget lazy runs none of whose blocks is cached any more (they index nothing)."""
         marked = self.run_of[self.run_of >= 0]
-        live = np.bincount(marked, minlength=self._next_run_id) if len(marked) else np.zeros(self._next_run_id)
+        live = np.bincount(marked, minlength=self._next_run_id).tolist()
         for run_id in [r for r in self._runs if not live[r]]:
             del self._roots[self._runs.pop(run_id).root]
         self._prune_at = 4 * len(self._runs) + 4096  # amortized O(1) per run; a few MB of dead runs at most
@@ -361,7 +369,7 @@ class BlockPool:
 
     def is_cached(self) -> np.ndarray:
         """Per block: whether it holds registered content (eager hash or lazy run)."""
-        return (self.block_hash != NO_HASH) | (self.run_of >= 0)
+        return self.run_of != NOT_CACHED
 
     def touch(self, blocks: Sequence[int]) -> None:
         """Take a reference on prefix-hit blocks, pulling free ones out of the queue."""
@@ -397,7 +405,7 @@ class BlockPool:
         """
         drop = np.flatnonzero((self.ref_cnt == 0) & self.is_cached())
         if len(drop):
-            self._evict(drop)
+            self._evict(drop, self.run_of[drop])
         return len(drop)
 
     def usage(self) -> float:

@@ -498,7 +498,10 @@ class LazyDecodeScheduler(Scheduler):
             k = self._hit_growth_horizon(k)
         if k <= 0:
             return 0
-        return largest_fitting(k, self._takes_within, self.kv.num_free_blocks)
+        free = self.kv.num_free_blocks
+        if len(self._parked) * -(-k // self.kv.block_size) <= free:  # a bound on _takes_within(k)
+            return k
+        return largest_fitting(k, self._takes_within, free)
 
     def _next_finish(self) -> int:
         steps = self._finish_steps

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.block_pool import NO_HASH
+from core.block_pool import IN_INDEX, NO_HASH
 from core.config import CacheConfig, SchedulerConfig
 from core.engine import EngineCore
 from core.request import Request, RequestStatus
@@ -140,6 +140,7 @@ def check_invariants(sched: Scheduler) -> None:
     queue = pool.free_block_queue.block_ids()
     assert len(queue) == len(zero) == pool.num_free_blocks
     assert sorted(queue) == zero
+    assert ((pool.run_of == IN_INDEX) == (pool.block_hash != NO_HASH)).all()
     for h, b in pool.cached_blocks().items():  # lazily indexed blocks have no block_hash yet
         assert pool.block_hash[b] == h or (pool.block_hash[b] == NO_HASH and pool.run_of[b] >= 0)
     # Running requests own enough blocks for what they computed.

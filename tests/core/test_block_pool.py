@@ -174,7 +174,7 @@ def test_a_lone_chain_stays_out_of_the_dict_until_looked_up():
     assert pool.find_cached_prefix([70], 1) == []  # another root: still lazy
     assert pool.cached_block_hash_to_block == {}
     assert pool.find_cached_prefix([7, 8, 9], 2) == [0, 1]
-    assert pool.cached_block_hash_to_block == {7: 0, 8: 1, 9: 2} and pool.run_of.tolist() == [-1] * 4
+    assert pool.cached_block_hash_to_block == {7: 0, 8: 1, 9: 2} and pool.run_of.tolist() == [-2, -2, -2, -1]
     assert pool.block_hash.tolist() == [7, 8, 9, NO_HASH]
 
 
