@@ -36,7 +36,28 @@ class EngineCore:
         self.record_steps = record_steps
         self.finished: list[Request] = []  # every request that ended here, in finish order
         self.steps: list[StepStats] = []
-        self.breakdown: dict[str, float] = {}  # total seconds per op, when the backend reports it
+        self._breakdown: dict[str, float] = {}
+        self._pending_breakdowns: list[dict[str, float]] = []  # per-step splits not summed yet
+
+    @property
+    def breakdown(self) -> dict[str, float]:
+        """Total seconds per op, when the backend reports it.
+
+        Steps only queue their split; it is summed here, in step order (the same floats as
+        summing at every step), so a simulated step does not pay ten dict updates.
+        """
+        bd = self._breakdown
+        for split in self._pending_breakdowns:
+            for op, t in split.items():
+                bd[op] = bd.get(op, 0.0) + t
+        self._pending_breakdowns.clear()
+        return bd
+
+    def _add_breakdown(self, split: dict[str, float]) -> None:
+        pending = self._pending_breakdowns
+        pending.append(split)
+        if len(pending) >= 4096:  # bounded memory
+            self.breakdown
 
     def use_lazy_decode(self, default_token_id: int) -> None:
         """Swap in a ``LazyDecodeScheduler`` (same configs; only before any request).
@@ -116,9 +137,7 @@ class EngineCore:
     def _record(self, out: SchedulerOutput, result: StepResult, now: float) -> None:
         """Add the step's op breakdown and (when recording) its ``StepStats`` row."""
         if result.breakdown:
-            bd = self.breakdown
-            for op, t in result.breakdown.items():
-                bd[op] = bd.get(op, 0.0) + t
+            self._add_breakdown(result.breakdown)
         if self.record_steps:
             sched = self.scheduler
             prefill = out.num_prefill_tokens
@@ -152,9 +171,7 @@ class EngineCore:
         finished = sched.apply_decode_steps(k, ends, token_ids)
         self.finished.extend(finished)
         if breakdown:
-            bd = self.breakdown
-            for op, v in breakdown.items():
-                bd[op] = bd.get(op, 0.0) + v
+            self._add_breakdown(breakdown)
         if self.record_steps:
             self.steps.append(StepStats(first_step, now, t - now, k, batch, 0, batch * k, len(sched.waiting),
                                         len(sched.running), 0, sched.kv.usage(), 0, self.replica_id))
