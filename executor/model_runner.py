@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -375,6 +376,10 @@ class ModelRunner:
         (plus logits and top-k/top-p sampling of every request) on a one-block dummy
         cache; its peak sizes the KV pool."""
         cfg = self.config
+        # An engine dropped by its owner but caught in a reference cycle still holds its KV
+        # pool until the collector runs: collect first, or the profile counts that pool as
+        # in use (a second 0.9-utilization LLM in one process then got 0 blocks).
+        gc.collect()
         dummy = memory.allocate_kv_pool(cfg, 1, self.block_size, self.device, self.kv_dtype)
         self.model.bind_kv_cache(memory.layer_views(dummy))
         torch.cuda.synchronize(self.device)
