@@ -110,17 +110,21 @@ class LazyDecodeScheduler(Scheduler):
         the last step whose edges ran: ``step_id``, or ``step_id - 1`` inside ``schedule``'s
         merged loop, where the request's own edge of this step comes at its place in order.
         """
+        if self._apply_deferred(request, end) and end:  # it stays parked, registering at its edges
+            bisect.insort(self._reg_phases[self._parked[request].phase], request, key=self._seq.__getitem__)
+
+    def _apply_deferred(self, request: Request, end: bool) -> bool:
+        """``_catch_up``'s registrations (and with ``end`` no more deferring); False if none are deferred."""
         run = self.kv.req_to_run.get(request.request_id)
         if run is None or run.catch_up is None:
-            return
+            return False
         st = self._parked[request]
         steps = self.step_id - st.p - (1 if self._interleaving else 0)
         if steps >= 0:  # the oracle knows its tokens: no need to write them for a lazy chain
             self.kv.cache_blocks(request, st.c0 + steps + 1, tokens_known=True)
         if end:
             run.catch_up = None
-            if request in self._parked:
-                bisect.insort(self._reg_phases[st.phase], request, key=self._seq.__getitem__)
+        return True
 
     def _fill_to_length(self, request: Request, num_tokens: int) -> None:
         self._fill_tokens(request, num_tokens - len(request.prompt_token_ids))
@@ -131,8 +135,11 @@ class LazyDecodeScheduler(Scheduler):
         if count <= 0:
             return
         n = st.n0 + count
-        request.output_token_ids.extend(self._oracle(request, st.n0, n))
-        self._fill_tokens(request, n)
+        toks = self._oracle(request, st.n0, n)
+        request.output_token_ids.extend(toks)
+        known = len(request.all_token_ids) - len(request.prompt_token_ids)
+        if known < n:
+            request.all_token_ids.extend(toks[known - st.n0:] if known >= st.n0 else self._oracle(request, known, n))
         request.token_times.extend(self._ends[st.p:last_step + 1])
         if request.first_token_time is None:
             request.first_token_time = self._ends[st.p]
@@ -177,10 +184,10 @@ class LazyDecodeScheduler(Scheduler):
 
     def _unpark(self, request: Request, last_step: int) -> _Parked:
         """Take one request out of the lazy state (its finish entry is the caller's), written back."""
-        self._catch_up(request, True)
+        if not self._apply_deferred(request, True):
+            self._reg_phases[self._parked[request].phase].remove(request)
         st = self._parked.pop(request)
         self._phases[st.phase].remove(request)
-        self._reg_phases[st.phase].remove(request)
         self._offset_sum -= st.c0 - st.p
         self._write_back(request, st, last_step)
         return st
@@ -191,7 +198,7 @@ class LazyDecodeScheduler(Scheduler):
             return
         last = self._last_stamped()
         for request, st in self._parked.items():
-            self._catch_up(request, True)
+            self._apply_deferred(request, True)
             self._write_back(request, st, last)
         self._parked.clear()
         for bucket in self._phases + self._reg_phases:
