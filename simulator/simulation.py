@@ -108,36 +108,50 @@ class Replica:
                 continue
             k = eng.decode_horizon() if ff else 0
             if k >= 2:
-                batch, ctx, longest = eng.scheduler.decode_shape()
-                self._ff_shape = (batch, ctx, longest)
-                durations = cost.decode_step_times(batch, ctx, k, longest).tolist()
-                ends = []
-                t = env.now
-                for d in durations:
-                    t += d
-                    ends.append(t)
-                # Steps that start after the next known arrival would be discarded by its sync:
-                # end the run with the step in flight then.
-                arrival = self.sim.next_arrival()
-                if env.now < arrival < ends[-1]:
-                    m = 1 + bisect_left(ends, arrival, 0, len(ends) - 1)
-                    del durations[m:], ends[m:]
-                self._ff = (env.now, durations, ends)
-                self.sim.num_events += 1
-                try:
-                    yield env.timeout(ends[-1] - env.now)
-                    if self._ff is not None:  # else an arrival's sync applied the run
-                        start, durs, _ = self._ff
-                        self._ff = None
-                        self._apply(start, durs)
-                except simpy.Interrupt:
-                    if self._busy_until > env.now:
-                        yield env.timeout(self._busy_until - env.now)
+                yield from self._fast_forward(env.now, k)
                 continue
             out = eng.step(env.now)
             self.sim.num_events += 1
             self.sim._on_finished(out.finished)
+            end = env.now + out.duration
+            if ff and self.sim.next_arrival() > end and eng.has_unfinished():
+                # What the replica will do at the end of this step is already known (nothing can
+                # reach it before then): when that is a fast-forward run, plan it now and sleep
+                # once through both.
+                k = eng.decode_horizon()
+                if k >= 2:
+                    yield from self._fast_forward(end, k)
+                    continue
             yield env.timeout(out.duration)
+
+    def _fast_forward(self, start: float, k: int):
+        """Sleep through a run of ``k`` decode steps from ``start`` (now, or the end of the step
+        in flight), applied when it ends or, up to an arrival, by that arrival's ``sync``."""
+        env = self.sim.env
+        batch, ctx, longest = self.engine.scheduler.decode_shape()
+        self._ff_shape = (batch, ctx, longest)
+        durations = self.backend.cost_model.decode_step_times(batch, ctx, k, longest).tolist()
+        ends = []
+        t = start
+        for d in durations:
+            t += d
+            ends.append(t)
+        # Steps that start after the next known arrival would be discarded by its sync:
+        # end the run with the step in flight then.
+        arrival = self.sim.next_arrival()
+        if start < arrival < ends[-1]:
+            m = 1 + bisect_left(ends, arrival, 0, len(ends) - 1)
+            del durations[m:], ends[m:]
+        self._ff = (start, durations, ends)
+        self.sim.num_events += 1
+        try:
+            yield env.timeout(ends[-1] - env.now)
+            if self._ff is not None:  # else an arrival's sync applied the run
+                self._ff = None
+                self._apply(start, durations)
+        except simpy.Interrupt:
+            if self._busy_until > env.now:
+                yield env.timeout(self._busy_until - env.now)
 
 
 class Simulation:
