@@ -15,6 +15,7 @@ visible to a step that starts at t, in both modes.
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 from bisect import bisect_left
@@ -269,7 +270,17 @@ class Simulation:
             self.on_progress(len(finished))
 
     def run(self) -> SimResult:
-        self.env.run()
+        # The event loop makes no reference cycles the cyclic collector would need to find
+        # (events, requests and blocks are freed by reference counting), but it allocates
+        # enough young objects to trigger it ~100 times per 10k requests (4% of the loop):
+        # it is paused for the run and resumed after, when it can collect anything left.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.env.run()
+        finally:
+            if was_enabled:
+                gc.enable()
         requests: list[Request] = []
         steps: list[StepStats] = []
         breakdown: dict[str, float] = {}
