@@ -108,7 +108,7 @@ class Replica:
                 cost.note_idle(env.now - idle_from)
                 continue
             k = eng.decode_horizon() if ff else 0
-            if k >= 2:
+            if k >= 1:
                 yield from self._fast_forward(env.now, k)
                 continue
             out = eng.step(env.now)
@@ -120,7 +120,7 @@ class Replica:
                 # reach it before then): when that is a fast-forward run, plan it now and sleep
                 # once through both.
                 k = eng.decode_horizon()
-                if k >= 2:
+                if k >= 1:
                     yield from self._fast_forward(end, k)
                     continue
             yield env.timeout(out.duration)
