@@ -388,12 +388,12 @@ class BlockPool:
         """
         idx = np.array(ordered_blocks, dtype=np.int64)
         ref = self.ref_cnt[idx]
-        if np.minimum.reduce(ref, initial=1) < 1:
-            raise RuntimeError(f"double free of block {int(idx[ref < 1][0])}")
-        if np.maximum.reduce(ref, initial=1) == 1:  # the common case: nobody else holds any of them
+        if not np.count_nonzero(ref != 1):  # the common case: nobody else holds any of them
             self.ref_cnt[idx] = 0
             self.free_block_queue.append_n(idx)
             return
+        if np.count_nonzero(ref < 1):
+            raise RuntimeError(f"double free of block {int(idx[ref < 1][0])}")
         ref -= 1
         self.ref_cnt[idx] = ref
         self.free_block_queue.append_n(idx[ref == 0])
