@@ -127,24 +127,40 @@ class Replica:
 
     def _fast_forward(self, start: float, k: int):
         """Sleep through a run of ``k`` decode steps from ``start`` (now, or the end of the step
-        in flight), applied when it ends or, up to an arrival, by that arrival's ``sync``."""
+        in flight), applied when it ends or, up to an arrival, by that arrival's ``sync``.
+
+        With quiet wake-ups (one replica, open loop) nothing but a known arrival can reach the
+        replica, so runs that end before the next arrival are applied at once, back to back
+        (the same calls in the same order as waking at each run's end), and the replica
+        sleeps once until the last of them ends.
+        """
         env = self.sim.env
-        batch, ctx, longest = self.engine.scheduler.decode_shape()
-        self._ff_shape = (batch, ctx, longest)
-        durations = self.backend.cost_model.decode_step_times(batch, ctx, k, longest).tolist()
-        ends = []
-        t = start
-        for d in durations:
-            t += d
-            ends.append(t)
+        eng = self.engine
+        arrival = self.sim.next_arrival()
+        while True:
+            batch, ctx, longest = eng.scheduler.decode_shape()
+            self._ff_shape = (batch, ctx, longest)
+            durations = self.backend.cost_model.decode_step_times(batch, ctx, k, longest).tolist()
+            ends = []
+            t = start
+            for d in durations:
+                t += d
+                ends.append(t)
+            self.sim.num_events += 1
+            if not (self.sim.quiet_wakeups and t < arrival):
+                break
+            self._apply(start, durations)
+            start = t
+            k = eng.decode_horizon() if eng.has_unfinished() else 0
+            if not k:
+                yield env.timeout(start - env.now)
+                return
         # Steps that start after the next known arrival would be discarded by its sync:
         # end the run with the step in flight then.
-        arrival = self.sim.next_arrival()
         if start < arrival < ends[-1]:
             m = 1 + bisect_left(ends, arrival, 0, len(ends) - 1)
             del durations[m:], ends[m:]
         self._ff = (start, durations, ends)
-        self.sim.num_events += 1
         try:
             yield env.timeout(ends[-1] - env.now)
             if self._ff is not None:  # else an arrival's sync applied the run
