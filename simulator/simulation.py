@@ -90,7 +90,7 @@ class Replica:
         """Per-op split of k fast-forwarded decode steps: the middle step's split, scaled to
         the exact total (only the plot of where time goes reads it; timings are exact)."""
         batch, ctx, longest = self._ff_shape
-        mid = self.backend.cost_model.step_time(BatchShape.decode(batch, ctx + (k // 2) * batch, longest + k // 2))
+        mid = self.backend.cost_model.decode_step_timing(batch, ctx + (k // 2) * batch, longest + k // 2)
         scale = total / mid.total if mid.total > 0 else 0.0
         return {op: t * scale for op, t in mid.breakdown.items()}
 

@@ -135,6 +135,11 @@ class CostModel(ABC):
         may charge the first step after idling more (cold caches, clocks ramping up).
         """
 
+    def decode_step_timing(self, batch_size: int, sum_context: int, max_context: int | None = None) -> StepTiming:
+        """``step_time(BatchShape.decode(batch_size, sum_context, max_context))``; a subclass may
+        answer it faster (the simulator asks once per fast-forward run) but must agree exactly."""
+        return self.step_time(BatchShape.decode(batch_size, sum_context, max_context))
+
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
                           max_context: int | None = None) -> np.ndarray:
         """Durations of ``k`` consecutive pure-decode steps of ``batch_size`` requests.

@@ -62,6 +62,8 @@ class RooflineCostModel(CostModel):
             raise ValueError(f"cpu_overhead must be >= 0 seconds, got {cpu_overhead!r}")
         self.model, self.hardware, self.parallel = model, hardware, parallel
         self.cpu_overhead = cpu_overhead
+        # batch size -> (cpu_overhead, step_time breakdown of a decode step, microbatches, stages)
+        self._decode_memo: dict[int, tuple[float, dict[str, float], int, int]] = {}
         self._tp, self._pp, self._m = parallel.tp, parallel.pp, parallel.num_microbatches
 
         flops = hardware.achievable_flops(fp8=model.quantization == "fp8")
@@ -172,6 +174,22 @@ class RooflineCostModel(CostModel):
         }
         return StepTiming(sum(breakdown.values()), breakdown)
 
+    def decode_step_timing(self, batch_size: int, sum_context: int, max_context: int | None = None) -> StepTiming:
+        """``step_time`` of a pure-decode step, from a per-batch-size memo of every op but decode
+        attention (the only one that depends on the context): the same floats, summed the same way."""
+        if not batch_size:
+            return self.step_time(BatchShape.decode(batch_size, sum_context, max_context))
+        memo = self._decode_memo.get(batch_size)
+        if memo is None or memo[0] != self.cpu_overhead:
+            m = self._microbatches(batch_size)
+            base = self.step_time(BatchShape.decode(batch_size, 0))
+            memo = (self.cpu_overhead, base.breakdown, m, self._pp + m - 1)
+            self._decode_memo[batch_size] = memo
+        _, base, m, c = memo
+        breakdown = base.copy()  # same keys in the same order as step_time's
+        breakdown["attn_decode"] = c * self._attn_decode(batch_size / m, sum_context / m, max)
+        return StepTiming(sum(breakdown.values()), breakdown)
+
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
                           max_context: int | None = None) -> np.ndarray:
         """Vectorised: in a pure-decode run only decode attention changes from step to step.
@@ -180,7 +198,7 @@ class RooflineCostModel(CostModel):
         reads every request's KV, so only the total context matters."""
         if k <= 0:
             return np.empty(0)
-        first = self.step_time(BatchShape.decode(batch_size, sum_context))
+        first = self.decode_step_timing(batch_size, sum_context)
         if batch_size == 0:
             return np.full(k, first.total)
         m = self._microbatches(batch_size)

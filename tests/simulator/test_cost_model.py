@@ -209,6 +209,23 @@ def test_decode_step_times_equal_repeated_step_time(name: str, par: dict, batch_
     assert fast[-1] > fast[0]  # contexts grow, so do the steps
 
 
+@pytest.mark.parametrize("name, par", ROOFLINE_CONFIGS)
+def test_decode_step_timing_equals_step_time_exactly(name: str, par: dict) -> None:
+    """The per-batch-size memo gives step_time's floats bit for bit (totals and splits, in order),
+    also after the model's cpu_overhead changes."""
+    cm = RooflineCostModel(get_model(name), H100, ParallelConfig(**par))
+    rng = np.random.default_rng(0)
+    for batch_size in [0, 1, 2, 3, 7, 64, 255, 256, 1000]:
+        for ctx in {batch_size, batch_size * 100, batch_size * 8191, int(rng.integers(batch_size, 8192 * batch_size + 1))}:
+            for _ in range(2):  # a cold then a warm memo
+                fast = cm.decode_step_timing(batch_size, ctx, max(1, ctx // max(batch_size, 1)))
+                slow = cm.step_time(BatchShape.decode(batch_size, ctx))
+                assert fast.total == slow.total
+                assert list(fast.breakdown.items()) == list(slow.breakdown.items())
+    cm.cpu_overhead = 5e-3
+    assert cm.decode_step_timing(64, 64 * 500) == cm.step_time(BatchShape.decode(64, 64 * 500))
+
+
 # ---- Calibrated -------------------------------------------------------------------------
 
 def synthetic_profile(**overrides) -> dict:
