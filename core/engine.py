@@ -7,6 +7,8 @@ passes ``env.now``, the real driver the wall clock since the run started.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import add, itemgetter
 
 from core.backend import Backend
 from core.config import CacheConfig, SchedulerConfig
@@ -47,10 +49,24 @@ class EngineCore:
         summing at every step), so a simulated step does not pay ten dict updates.
         """
         bd = self._breakdown
-        for split in self._pending_breakdowns:
-            for op, t in split.items():
-                bd[op] = bd.get(op, 0.0) + t
-        self._pending_breakdowns.clear()
+        pending = self._pending_breakdowns
+        if not pending:
+            return bd
+        ops = list(pending[0])
+        sums = {}
+        try:  # the common case, every split with the same ops: one C-level left fold per op
+            if sum(map(len, pending)) == len(ops) * len(pending):
+                for op in ops:
+                    sums[op] = reduce(add, map(itemgetter(op), pending), bd.get(op, 0.0))
+        except KeyError:  # some split lacks an op of the first
+            sums = {}
+        if len(sums) == len(ops) and ops:
+            bd.update(sums)
+        else:
+            for split in pending:
+                for op, t in split.items():
+                    bd[op] = bd.get(op, 0.0) + t
+        pending.clear()
         return bd
 
     def _add_breakdown(self, split: dict[str, float]) -> None:
@@ -152,20 +168,26 @@ class EngineCore:
         return self.scheduler.decode_horizon()
 
     def apply_decode_steps(self, now: float, durations: list[float], token_ids: list[list[int]] | None,
-                           breakdown: dict[str, float] | None = None) -> list[Request]:
+                           breakdown: dict[str, float] | None = None,
+                           ends: list[float] | None = None) -> list[Request]:
         """Apply ``len(durations)`` decode steps starting at ``now`` in one go.
 
         ``token_ids[i]`` are the tokens of ``scheduler.running[i]``, one per step (None for a
         ``LazyDecodeScheduler``, which knows them). Equal to calling ``step`` that many
-        times; recorded as one StepStats row with ``num_steps``.
+        times; recorded as one StepStats row with ``num_steps``. ``ends``, if given, are the
+        steps' end times as the caller already summed them (``now`` plus the durations, one
+        by one, in order: the same floats).
         """
         sched = self.scheduler
         k = len(durations)
-        ends = []
-        t = now
-        for d in durations:
-            t += d
-            ends.append(t)
+        if ends is None:
+            ends = []
+            t = now
+            for d in durations:
+                t += d
+                ends.append(t)
+        else:
+            t = ends[-1]
         batch = len(sched.running)
         first_step = sched.step_id + 1
         finished = sched.apply_decode_steps(k, ends, token_ids)

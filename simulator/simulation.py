@@ -73,17 +73,17 @@ class Replica:
         # Step i starts at ends[i-1] (step 0 at start); apply those that started before now.
         m = 1 + bisect_left(ends, now, 0, len(ends) - 1) if now > start else 0
         if m:
-            self._apply(start, durations[:m])
+            self._apply(start, durations[:m], ends[:m])
         if m == len(ends) and self.sim.quiet_wakeups:
             return  # the sleep already ends when the last step does (the run was cut at this arrival)
         self._busy_until = ends[m - 1] if m else start
         self.process.interrupt()
 
-    def _apply(self, start: float, durations: list[float]) -> None:
+    def _apply(self, start: float, durations: list[float], ends: list[float]) -> None:
         eng = self.engine
         breakdown = self._decode_breakdown(len(durations), sum(durations))
         # The engine's LazyDecodeScheduler knows the decode tokens (forced ids, else SIM_TOKEN_ID).
-        finished = eng.apply_decode_steps(start, durations, None, breakdown)
+        finished = eng.apply_decode_steps(start, durations, None, breakdown, ends)
         self.sim._on_finished(finished)
 
     def _decode_breakdown(self, k: int, total: float) -> dict[str, float]:
@@ -137,10 +137,11 @@ class Replica:
         env = self.sim.env
         eng = self.engine
         arrival = self.sim.next_arrival()
+        decode_times = self.backend.cost_model.decode_step_times_list
         while True:
             batch, ctx, longest = eng.scheduler.decode_shape()
             self._ff_shape = (batch, ctx, longest)
-            durations = self.backend.cost_model.decode_step_times(batch, ctx, k, longest).tolist()
+            durations = decode_times(batch, ctx, k, longest)
             ends = []
             t = start
             for d in durations:
@@ -149,7 +150,7 @@ class Replica:
             self.sim.num_events += 1
             if not (self.sim.quiet_wakeups and t < arrival):
                 break
-            self._apply(start, durations)
+            self._apply(start, durations, ends)
             start = t
             k = eng.decode_horizon() if eng.has_unfinished() else 0
             if not k:
@@ -165,7 +166,7 @@ class Replica:
             yield env.timeout(ends[-1] - env.now)
             if self._ff is not None:  # else an arrival's sync applied the run
                 self._ff = None
-                self._apply(start, durations)
+                self._apply(start, durations, ends)
         except simpy.Interrupt:
             if self._busy_until > env.now:
                 yield env.timeout(self._busy_until - env.now)

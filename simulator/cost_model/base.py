@@ -140,6 +140,11 @@ class CostModel(ABC):
         answer it faster (the simulator asks once per fast-forward run) but must agree exactly."""
         return self.step_time(BatchShape.decode(batch_size, sum_context, max_context))
 
+    def decode_step_times_list(self, batch_size: int, sum_context: int, k: int,
+                               max_context: int | None = None) -> list[float]:
+        """``decode_step_times(...).tolist()``; a subclass may build the list directly."""
+        return self.decode_step_times(batch_size, sum_context, k, max_context).tolist()
+
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
                           max_context: int | None = None) -> np.ndarray:
         """Durations of ``k`` consecutive pure-decode steps of ``batch_size`` requests.

@@ -190,6 +190,21 @@ class RooflineCostModel(CostModel):
         breakdown["attn_decode"] = c * self._attn_decode(batch_size / m, sum_context / m, max)
         return StepTiming(sum(breakdown.values()), breakdown)
 
+    def _short_run(self, first: float, batch_size: int, sum_context: int, k: int, m: int, stages: int) -> list[float]:
+        b = batch_size / m
+        attn = [stages * self._attn_decode(b, (sum_context + batch_size * float(j)) / m, max) for j in range(k)]
+        rest = first - attn[0]
+        return [rest + a for a in attn]
+
+    def decode_step_times_list(self, batch_size: int, sum_context: int, k: int,
+                               max_context: int | None = None) -> list[float]:
+        """``decode_step_times(...).tolist()``, with no array for a short run (the same floats)."""
+        if batch_size and 0 < k <= _SHORT_RUN:
+            m = self._microbatches(batch_size)
+            first = self.decode_step_timing(batch_size, sum_context).total
+            return self._short_run(first, batch_size, sum_context, k, m, self._pp + m - 1)
+        return self.decode_step_times(batch_size, sum_context, k, max_context).tolist()
+
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
                           max_context: int | None = None) -> np.ndarray:
         """Vectorised: in a pure-decode run only decode attention changes from step to step.
@@ -204,10 +219,7 @@ class RooflineCostModel(CostModel):
         m = self._microbatches(batch_size)
         stages = self._pp + m - 1
         if k <= _SHORT_RUN:  # numpy's per-call cost dominates a short run: the same float ops, one by one
-            b = batch_size / m
-            attn = [stages * self._attn_decode(b, (sum_context + batch_size * float(j)) / m, max) for j in range(k)]
-            rest = first.total - attn[0]
-            return np.array([rest + a for a in attn])
+            return np.array(self._short_run(first.total, batch_size, sum_context, k, m, stages))
         context = (sum_context + batch_size * np.arange(k, dtype=float)) / m
         attn = stages * self._attn_decode(batch_size / m, context, np.maximum)
         return (first.total - attn[0]) + attn
