@@ -350,3 +350,28 @@ def test_fast_forward_matches_step_by_step_random_configs(policy, batching, mode
     eos = 5 if tokens == "hashed" else None
     a, b = _both(specs, sc, cc, _token_fn(tokens, seed), eos=eos)
     assert b.step_calls + b.ff_steps == a.step_calls
+
+
+# --- op breakdown --------------------------------------------------------------------------
+@pytest.mark.parametrize("splits", [
+    [{"a": 0.1, "b": 0.2}, {"a": 0.3, "b": 1e-17}, {"a": 0.7, "b": 0.11}],  # same ops: the per-op fold
+    [{"a": 0.1, "b": 0.2}, {"b": 0.3, "a": 0.4}],  # same ops, another order
+    [{"a": 0.1}, {"a": 0.2, "c": 0.5}, {"b": 0.3}],  # ops differ: the plain loop
+    [{"a": 0.1, "b": 0.2}, {"a": 0.2, "c": 0.5}],  # same count, different ops
+    [{}, {"a": 0.1}],
+])
+def test_breakdown_sums_queued_splits_in_step_order(splits):
+    """EngineCore.breakdown equals adding every split into the totals one step at a time
+    (bit for bit, keys in first-seen order), whichever summing path it takes."""
+    sc, cc = cfgs()
+    eng = fk.make_engine(sc, cc)
+    eng._add_breakdown({"a": 1.0})
+    assert eng.breakdown == {"a": 1.0}
+    want = {"a": 1.0}
+    for split in splits:
+        eng._add_breakdown(split)
+        for op, t in split.items():
+            want[op] = want.get(op, 0.0) + t
+    got = eng.breakdown
+    assert list(got.items()) == list(want.items())
+    assert eng.breakdown is got and list(got.items()) == list(want.items())  # nothing left to add

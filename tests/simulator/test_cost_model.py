@@ -226,6 +226,15 @@ def test_decode_step_timing_equals_step_time_exactly(name: str, par: dict) -> No
     assert cm.decode_step_timing(64, 64 * 500) == cm.step_time(BatchShape.decode(64, 64 * 500))
 
 
+@pytest.mark.parametrize("name, par", ROOFLINE_CONFIGS)
+def test_decode_step_times_list_equals_the_array(name: str, par: dict) -> None:
+    cm = RooflineCostModel(get_model(name), H100, ParallelConfig(**par))
+    for batch_size, sum_context in [(0, 0), (1, 17), (7, 7 * 3000), (256, 256 * 100)]:
+        for k in [0, 1, 2, 31, 32, 33, 300]:
+            fast = cm.decode_step_times_list(batch_size, sum_context, k)
+            assert type(fast) is list and fast == cm.decode_step_times(batch_size, sum_context, k).tolist()
+
+
 # ---- Calibrated -------------------------------------------------------------------------
 
 def synthetic_profile(**overrides) -> dict:
