@@ -273,7 +273,9 @@ class BlockPool:
         """
         run.num_blocks = stop
         if not run.eager:
-            self.run_of[run.blocks[start:stop]] = run.run_id
+            # fromiter with the count: a list of ints converts ~30% faster than as an index
+            blocks = run.blocks[start:stop]
+            self.run_of[np.fromiter(blocks, np.int64, len(blocks))] = run.run_id
             return
         blocks = run.blocks[start:stop]
         hashes = run.hashes_upto(stop)[start:stop]
@@ -386,7 +388,7 @@ class BlockPool:
         Callers pass a request's blocks tail first, so a request's last blocks are evicted
         before its (more shareable) first blocks. A block may appear once per call.
         """
-        idx = np.array(ordered_blocks, dtype=np.int64)
+        idx = np.fromiter(ordered_blocks, np.int64, len(ordered_blocks))
         ref = self.ref_cnt[idx]
         if not np.count_nonzero(ref != 1):  # the common case: nobody else holds any of them
             self.ref_cnt[idx] = 0
