@@ -64,7 +64,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.profile_steps import columns_from_samples, fit_step_tables, measure_step_sweep, samples_columns
+from experiments.profile_steps import (columns_from_samples, device_only_model, fit_step_tables, measure_step_sweep,
+                                      samples_columns)
 
 PROFILE_FORMAT = "servelab-profile-v2"
 PROFILE_FORMAT_V1 = "servelab-profile-v1"
@@ -661,15 +662,6 @@ def decode_regime(batches: list[int], graph_sizes: list[int], num_kv_heads: int,
     return split_max, (above[0] if above else 0)
 
 
-def _v2_device_model(v2: dict[str, Any]) -> Any:
-    from simulator.cost_model.calibrated import CalibratedCostModel
-
-    p = json.loads(json.dumps(v2))
-    p["overhead"] = {**p["overhead"], "eager_s": 0.0, "graph_s": 0.0, "cpu_per_request_s": 0.0, "mixed_graph_s": 0.0}
-    p.pop("eager_floor", None)
-    return CalibratedCostModel(p)
-
-
 def fit_eager_v2(v2: dict[str, Any], tokens: list[float], walls: list[float], devices: list[float],
                  ref_reqs: int) -> dict[str, Any]:
     """``eager_s`` = median (wall - device) of the mixed steps whose device time exceeds the
@@ -733,7 +725,7 @@ def make_v2(raw: dict[str, Any], *, pool_tokens: int, split_max_batch: int, late
     v2["meta"] = meta
     if mixed is not None:
         tokens, walls, shapes = mixed
-        dev_model = _v2_device_model(v2)
+        dev_model = device_only_model(v2)
         devices = [dev_model.step_time(s if isinstance(s, BatchShape) else BatchShape.from_scheduler_output(s)).total
                    for s in shapes]
         meta["v2"]["eager_fit"] = fit_eager_v2(v2, tokens, walls, devices, ref_reqs)
@@ -1117,7 +1109,7 @@ def fit_overhead_v2(v2: dict[str, Any], records: dict[str, list[tuple[Any, float
     from simulator.cost_model.base import BatchShape
 
     result: dict[str, Any] = {}
-    dev = _v2_device_model(v2)
+    dev = device_only_model(v2)
 
     def device(recs: list[tuple[Any, float, float]]) -> np.ndarray:
         return np.array([dev.step_time(BatchShape.from_scheduler_output(r[0])).total for r in recs])

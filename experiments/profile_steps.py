@@ -239,11 +239,7 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
     from simulator.cost_model.base import BatchShape
     from simulator.cost_model.calibrated import CalibratedCostModel
 
-    base = {k: v for k, v in profile.items() if k != "step_fits"}
-    base["overhead"] = {**base["overhead"], "eager_s": 0.0, "graph_s": 0.0, "cpu_per_request_s": 0.0,
-                        "mixed_graph_s": 0.0}
-    base.pop("eager_floor", None)
-    device = CalibratedCostModel(base)
+    device = device_only_model(profile)
     groups: dict[tuple[str, int], list[tuple[Any, float, float]]] = {}
     prev_kind, prev_pass = None, None
     for i, wall in enumerate(cols["wall_s"]):
@@ -272,7 +268,7 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
                         lambda size, shared: shared[k:])
         fit["decodes"] = {"knots": list(DECODE_KNOTS), "seconds": fit["shared"][:k]}
         fits["mixed_graph"] = fit
-    floor = _eager_floor_wall(profile)
+    floor = CalibratedCostModel({k: v for k, v in profile.items() if k != "step_fits"}).launch_floor
     every = groups.get(("eager", 0), [])
     eager = [r for r in every if r[2] >= floor(r[0].num_tokens)]  # device-bound ones
     if len(eager) >= MIN_EAGER_POINTS:
@@ -289,17 +285,14 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
     return fits, summary
 
 
-def _eager_floor_wall(profile: dict[str, Any]) -> Callable[[int], float]:
-    """The wall below which an eager step cannot go (the CPU launching its kernels): the
-    profile's ``eager_floor`` plus ``eager_s``, as measured by the eager rounds; 0 without one."""
-    from simulator.cost_model.calibrated import PiecewiseLinear
+def device_only_model(profile: dict[str, Any]) -> Any:
+    """A ``CalibratedCostModel`` of ``profile``'s device tables alone: no step fits, no per-step or
+    per-request CPU terms, no launch floor (what the step fits and the overhead fit start from)."""
+    from simulator.cost_model.calibrated import CalibratedCostModel
 
-    table = profile.get("eager_floor")
-    if not table:
-        return lambda tokens: 0.0
-    line = PiecewiseLinear(table["num_tokens"], table["seconds"], "eager_floor")
-    extra = float(profile["overhead"].get("eager_s", 0.0))
-    return lambda tokens: max(0.0, line(tokens) + extra)
+    p = {k: v for k, v in profile.items() if k not in ("step_fits", "eager_floor")}
+    p["overhead"] = {**p["overhead"], "eager_s": 0.0, "graph_s": 0.0, "cpu_per_request_s": 0.0, "mixed_graph_s": 0.0}
+    return CalibratedCostModel(p)
 
 
 def hat_weights(x: float, knots: Sequence[float] = DECODE_KNOTS) -> list[float]:

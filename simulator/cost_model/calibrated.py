@@ -338,10 +338,9 @@ class CalibratedCostModel(CostModel):
             c = self._eager_fit
             cpu = (c[0] + c[1] * batch.num_tokens + c[2] * batch.num_reqs + c[3] * batch.decode_context
                    + c[4] * (batch.prefill_context - batch.prefill_tokens))
-            if self._eager_floor is not None:  # the launch floor stays under the fitted line
-                floor = self._eager_floor(batch.num_tokens) + self.eager_overhead
-                if floor > device + cpu:
-                    cpu = floor - device
+            floor = self.launch_floor(batch.num_tokens)  # stays under the fitted line
+            if floor > device + cpu:
+                cpu = floor - device
         else:
             cpu = self.eager_overhead + self.cpu_per_request * (batch.num_reqs - self.eager_ref_reqs)
             if self._eager_floor is not None:
@@ -352,6 +351,15 @@ class CalibratedCostModel(CostModel):
         self._after = AFTER_GRAPH if graph or mixed else AFTER_EAGER
         breakdown["cpu_overhead"] = cpu
         return StepTiming(_positive(device + cpu), breakdown)
+
+    def launch_floor(self, num_tokens: int) -> float:
+        """The wall an eager step of ``num_tokens`` tokens cannot go below (the CPU launching its
+        kernels): ``eager_floor`` + ``eager_s`` as the profile's eager rounds measured them; 0
+        without a floor table."""
+        if self._eager_floor is None:
+            return 0.0
+        floor = self._eager_floor(num_tokens) + self.eager_overhead
+        return floor if floor > 0.0 else 0.0
 
     def _fitted_graph_step(self, batch: BatchShape, size: int) -> StepTiming:
         """A graph decode step of padded ``size`` with its ``step_fits.graph_decode`` line."""

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.profile_steps import (SAMPLE_FIELDS, classify, columns_from_samples, fit_step_tables,
-                                       robust_lstsq, samples_columns)
+from experiments.profile_steps import (SAMPLE_FIELDS, classify, columns_from_samples, device_only_model,
+                                       fit_step_tables, robust_lstsq, samples_columns)
 from simulator.cost_model import BatchShape, CalibratedCostModel
 
 PROFILE = Path(__file__).resolve().parents[2] / "experiments/profiles/qwen3_0_6b_h200_v2_mixedsplit.json"
@@ -29,10 +29,7 @@ def _profile() -> dict:
 def _synthetic_columns(profile: dict, rng: np.random.Generator, noise: float = 0.0) -> dict[str, list[float]]:
     """Steps of every kind whose wall is the op tables plus the known leftovers (graph lines
     differ per size), some with a 'host hiccup' outlier."""
-    base = {**profile, "overhead": {**profile["overhead"], "eager_s": 0.0, "graph_s": 0.0, "cpu_per_request_s": 0.0,
-                                    "mixed_graph_s": 0.0}}
-    base.pop("eager_floor", None)
-    device = CalibratedCostModel(base)
+    device = device_only_model(profile)
     cols: dict[str, list[float]] = {f: [] for f in (*SAMPLE_FIELDS, "wall_s")}
     shapes = []
     for n in range(1, 257):
