@@ -216,52 +216,36 @@ def robust_lstsq(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, int]:
     return coef, int(keep.sum())
 
 
-def _padded(sizes: list[int], n: int) -> int:
-    i = int(np.searchsorted(sizes, n))
-    return sizes[i] if i < len(sizes) else 0
-
-
-def classify(profile: dict[str, Any], shape: Any) -> tuple[str, int]:
-    """("graph", G), ("mixed", M) or ("eager", 0): how the executor ran a step of this shape."""
-    over = profile["overhead"]
-    graph_sizes = sorted(int(g) for g in over.get("graph_sizes", []))
-    mixed_sizes = sorted(int(m) for m in over.get("mixed_graph_sizes", []))
-    if shape.num_decode == shape.num_reqs and 0 < shape.num_reqs <= int(over.get("graph_max_batch", 0)):
-        return "graph", _padded(graph_sizes, shape.num_reqs)
-    if mixed_sizes and shape.num_tokens <= mixed_sizes[-1]:
-        return "mixed", _padded(mixed_sizes, shape.num_tokens)
-    return "eager", 0
-
-
 def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``step_fits`` for ``profile`` (its op tables and sizes) from the sweep's columns, and a
     summary (points and median |residual| per class, for the log and ``meta``)."""
     from simulator.cost_model.base import BatchShape
-    from simulator.cost_model.calibrated import CalibratedCostModel
+    from simulator.cost_model.calibrated import EAGER, GRAPH, MIXED, CalibratedCostModel
 
     device = device_only_model(profile)
     groups: dict[tuple[str, int], list[tuple[Any, float, float]]] = {}
     prev_kind, prev_pass = None, None
     for i, wall in enumerate(cols["wall_s"]):
         shape = BatchShape(*(int(cols[f][i]) for f in SAMPLE_FIELDS[1:]))
-        kind, size = classify(profile, shape)
-        follows_graph = prev_kind == "graph" and prev_pass == cols["pass_"][i]
+        kind, size = device.step_kind(shape)
+        size = 0 if kind == EAGER else size  # one eager line for all token counts
+        follows_graph = prev_kind == GRAPH and prev_pass == cols["pass_"][i]
         prev_kind, prev_pass = kind, cols["pass_"][i]
-        if kind == "graph" and not follows_graph:
+        if kind == GRAPH and not follows_graph:
             continue  # see the module docstring: the graph lines are for steady decoding
         timing = device.step_time(shape)
-        dev = timing.total - (timing.breakdown["attn_decode"] if kind == "graph" else 0.0)
+        dev = timing.total - (timing.breakdown["attn_decode"] if kind == GRAPH else 0.0)
         groups.setdefault((kind, size), []).append((shape, float(wall), dev))
     fits: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     split_max = int(profile["attn_decode"].get("split_max_batch", 0))
-    graph = sorted((size, rows) for (kind, size), rows in groups.items() if kind == "graph")
+    graph = sorted((size, rows) for (kind, size), rows in groups.items() if kind == GRAPH)
     if graph:
         fits["graph_decode"] = joint_fit(
             graph, lambda s: [1.0, s.num_reqs, s.decode_context],
             lambda size, s: [s.max_decode_context, 0.0] if size <= split_max else [0.0, s.max_decode_context],
             lambda size, shared: [shared[0] if size <= split_max else shared[1]])
-    mixed = sorted((size, rows) for (kind, size), rows in groups.items() if kind == "mixed")
+    mixed = sorted((size, rows) for (kind, size), rows in groups.items() if kind == MIXED)
     if mixed:
         k = len(DECODE_KNOTS)
         fit = joint_fit(mixed, lambda s: [1.0], lambda size, s: [*hat_weights(s.num_decode), *_shared_terms(s)[1:]],
@@ -269,7 +253,7 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
         fit["decodes"] = {"knots": list(DECODE_KNOTS), "seconds": fit["shared"][:k]}
         fits["mixed_graph"] = fit
     floor = CalibratedCostModel({k: v for k, v in profile.items() if k != "step_fits"}).launch_floor
-    every = groups.get(("eager", 0), [])
+    every = groups.get((EAGER, 0), [])
     eager = [r for r in every if r[2] >= floor(r[0].num_tokens)]  # device-bound ones
     if len(eager) >= MIN_EAGER_POINTS:
         fit = joint_fit([(0, eager)], lambda s: [1.0, s.num_tokens], lambda size, s: _shared_terms(s),

@@ -159,6 +159,8 @@ def _section(profile: dict[str, Any], key: str, fields: Sequence[str]) -> dict[s
 
 #: What an eager step can follow, for its launch penalty (``CalibratedCostModel``'s state).
 AFTER_EAGER, AFTER_GRAPH, AFTER_IDLE = "eager", "graph", "idle"
+#: How the executor runs a step (``CalibratedCostModel.step_kind``).
+GRAPH, MIXED, EAGER = "graph", "mixed", "eager"
 
 
 class DecodeGrid:
@@ -299,12 +301,20 @@ class CalibratedCostModel(CostModel):
         i = bisect.bisect_left(sizes, n)
         return sizes[i] if i < len(sizes) else n
 
+    def step_kind(self, batch: BatchShape) -> tuple[str, int]:
+        """How the executor runs a step of this shape: ("graph", padded batch) for a decode CUDA
+        graph, ("mixed", padded tokens) for a mixed-step graph, else ("eager", tokens). The
+        second value is the token count its GEMMs run at (v2 profiles)."""
+        if batch.num_decode == batch.num_reqs and 0 < batch.num_reqs <= self.graph_max_batch:
+            return GRAPH, self._padded(batch.num_tokens)
+        if self.mixed_graph_sizes and batch.num_tokens <= self.mixed_graph_sizes[-1]:
+            return MIXED, self._padded(batch.num_tokens, self.mixed_graph_sizes)
+        return EAGER, batch.num_tokens
+
     def _step_time_v2(self, batch: BatchShape) -> StepTiming:
         zero = 0.0
-        graph = batch.num_decode == batch.num_reqs and 0 < batch.num_reqs <= self.graph_max_batch
-        mixed = not graph and bool(self.mixed_graph_sizes) and batch.num_tokens <= self.mixed_graph_sizes[-1]
-        t = (self._padded(batch.num_tokens) if graph else
-             self._padded(batch.num_tokens, self.mixed_graph_sizes) if mixed else batch.num_tokens)
+        kind, t = self.step_kind(batch)
+        graph, mixed = kind is GRAPH, kind is MIXED
         if graph and t in self._graph_fit:
             return self._fitted_graph_step(batch, t)
         attn_p = self._attn_prefill(batch)

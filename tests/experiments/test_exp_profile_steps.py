@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.profile_steps import (SAMPLE_FIELDS, classify, columns_from_samples, device_only_model,
-                                       fit_step_tables, robust_lstsq, samples_columns)
+from experiments.profile_steps import (SAMPLE_FIELDS, columns_from_samples, device_only_model, fit_step_tables,
+                                       robust_lstsq, samples_columns)
 from simulator.cost_model import BatchShape, CalibratedCostModel
 
 PROFILE = Path(__file__).resolve().parents[2] / "experiments/profiles/qwen3_0_6b_h200_v2_mixedsplit.json"
@@ -43,7 +43,7 @@ def _synthetic_columns(profile: dict, rng: np.random.Generator, noise: float = 0
         ctx = rng.integers(16, 3000, size=n)
         shapes.append(BatchShape.from_lists([1] * n + [t], ctx.tolist() + [t + before]))
     for s in shapes:
-        kind, size = classify(profile, s)
+        kind, size = device.step_kind(s)
         timing = device.step_time(s)
         if kind == "graph":
             g = GRAPH_TRUE
