@@ -192,7 +192,7 @@ class ModelRunner:
         self._alloc_staging(max(max_num_batched_tokens, g_max, *self.mixed_capture_sizes), max(max_num_seqs, g_max))
         self._init_rows(max(max_num_seqs, 1))
 
-        # KV cache: profile the peak of a full-budget step, then give the rest to the pool.
+        # KV cache: profile the peak of the largest step, then give the rest to the pool.
         if num_gpu_blocks is None:
             if self.is_cuda:
                 self.memory_profile = self._profile(gpu_memory_utilization)
@@ -372,8 +372,8 @@ class ModelRunner:
             return self._profile_run(gpu_memory_utilization)
 
     def _profile_run(self, gpu_memory_utilization: float) -> memory.MemoryProfile:
-        """A forward of ``max_num_batched_tokens`` tokens over ``max_num_seqs`` requests
-        (plus logits and top-k/top-p sampling of every request) on a one-block dummy
+        """A forward of the largest step (``max_step_tokens`` tokens over ``max_num_seqs``
+        requests, plus logits and top-k/top-p sampling of every request) on a one-block dummy
         cache; its peak sizes the KV pool."""
         cfg = self.config
         # An engine dropped by its owner but caught in a reference cycle still holds its KV
