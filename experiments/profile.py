@@ -14,7 +14,9 @@ the numbers are pure device time without launch gaps; warm-ups first, median of 
   decode vs (batch, context) exactly as the decode CUDA graphs launch it (the padded size
   and the split-K its captured graph uses), only up to the profiling pool's size; the
   latency batch with one long request among short ones (``attn_decode.lone_latency``);
-  decode rows tiled as beside a prefill chunk (``attn_decode_eager``); decode batches with
+  decode rows tiled as beside a prefill chunk, unsplit as an eager step launches them
+  (``attn_decode_eager``) and split as the mixed-step graphs launch them
+  (``attn_decode_mixed``, with its ``splits``); decode batches with
   evenly spread contexts (``meta.attn_decode_uneven``, a diagnostic for a wave-aware term);
   prefill vs (chunk, context) as an eager step launches it;
 * real ``EngineCore`` steps on the ``RealBackend``: right after start-up, pure-decode steps
@@ -56,7 +58,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,15 +267,22 @@ class OpProfiler:
             o += n
         return bt.to(self.device)
 
-    def _time_decode(self, lens: list[int], eager_tile: bool = False) -> tuple[float, int] | None:
+    def mixed_graph_splits(self) -> int | None:
+        """The split-K the runner's mixed-step graphs were captured with (None without them)."""
+        graphs = getattr(getattr(self.runner, "mixed_graphs", None), "graphs", {}) if self.runner.use_graphs else {}
+        return next(iter(graphs.values())).num_splits if graphs else None
+
+    def _time_decode(self, lens: list[int], eager_tile: bool = False,
+                     splits: int | None = None) -> tuple[float, int] | None:
         """(seconds over all layers, split-K) of one paged-attention launch over decode rows of
         these context lengths, or None if their KV exceeds the pool (the block tables would
         reuse blocks: L2 hits). By default launched exactly as a captured decode graph launches
         it: the split-K of the graph of the padded size (the runner may raise the heuristic's
-        choice) and ``max_seq_len`` = ``max_model_len``. ``eager_tile``: as an eager step
-        launches decode rows beside a prefill chunk: the chunk's ``max_query_len`` makes the
-        kernel tile every query block for 64 rows, unsplit (a serving chunk adds enough
-        query blocks to fill the GPU)."""
+        choice) and ``max_seq_len`` = ``max_model_len``. ``eager_tile``: decode rows beside a
+        prefill chunk, where the chunk's ``max_query_len`` makes the kernel tile every query
+        block for 64 rows; an eager step launches them unsplit (a serving chunk adds enough
+        query blocks to fill the GPU), a mixed-step graph with its captured ``splits`` and
+        ``max_seq_len`` = ``max_model_len``."""
         from executor.kernels import choose_num_splits, paged_attention
 
         cfg = self.cfg
@@ -284,9 +293,13 @@ class OpProfiler:
         qsl = torch.arange(b + 1, dtype=torch.int32, device=self.device)
         seq = torch.tensor(lens, dtype=torch.int32, device=self.device)
         bt = self._tables(lens)
-        query_len, splits, max_seq = 1, None, max(lens)
-        if eager_tile:  # beside a chunk of >= 512 tokens the launch has enough programs not to split
-            query_len, splits = EAGER_TILE_QUERY_LEN, 1
+        query_len, max_seq = 1, max(lens)
+        if eager_tile:
+            query_len = EAGER_TILE_QUERY_LEN
+            if splits is None:  # an eager step: beside a chunk the launch has enough programs not to split
+                splits = 1
+            else:  # a mixed-step graph: split and sized for any context, as captured
+                max_seq = max_len
         elif self.runner.use_graphs:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.timer.cuda else 1
             padded = self.runner.graphs.padded_size(b) or b
@@ -304,18 +317,20 @@ class OpProfiler:
 
         return self.timer(fn), int(splits or 1)
 
-    def attn_decode(self, points: list[tuple[int, int]], eager_tile: bool = False) -> dict[str, list[float]]:
+    def attn_decode(self, points: list[tuple[int, int]], eager_tile: bool = False,
+                    splits: int | None = None) -> dict[str, list[float]]:
         """The decode grid: ``b`` rows of context ``c`` each, per point (see ``_time_decode``)."""
         res: dict[str, list[float]] = {"batch": [], "total_context": [], "seconds": [], "splits": []}
         for b, c in points:
-            timed = self._time_decode([c] * b, eager_tile)
+            timed = self._time_decode([c] * b, eager_tile, splits)
             if timed is None:
                 continue
             res["batch"].append(b)
             res["total_context"].append(b * c)
             res["seconds"].append(timed[0])
             res["splits"].append(timed[1])
-        self.log(f"  attn_decode{' (eager tile)' if eager_tile else ''}: {len(res['seconds'])} points, "
+        tile = f" (chunk tile, split {splits})" if eager_tile and splits else " (chunk tile)" if eager_tile else ""
+        self.log(f"  attn_decode{tile}: {len(res['seconds'])} points, "
                  f"{min(res['seconds']) * 1e6:.1f}..{max(res['seconds']) * 1e6:.1f} us")
         return res
 
@@ -712,11 +727,14 @@ def make_v2(raw: dict[str, Any], *, pool_tokens: int, split_max_batch: int, late
                                        if int(tc) <= pool_tokens]
     if dec.get("lone_latency", {}).get("seconds"):
         v2["attn_decode"]["lone_latency"] = json.loads(json.dumps(dec["lone_latency"]))
-    eager = raw.get("attn_decode_eager")
-    if eager and eager["seconds"]:
-        v2["attn_decode_eager"] = {"batch": [int(b) for b in eager["batch"]],
-                                   "context": [int(tc) // int(b) for b, tc in zip(eager["batch"], eager["total_context"])],
-                                   "seconds": [float(x) for x in eager["seconds"]]}
+    for key in ("attn_decode_eager", "attn_decode_mixed"):
+        grid = raw.get(key)
+        if grid and grid["seconds"]:
+            v2[key] = {"batch": [int(b) for b in grid["batch"]],
+                       "context": [int(tc) // int(b) for b, tc in zip(grid["batch"], grid["total_context"])],
+                       "seconds": [float(x) for x in grid["seconds"]]}
+            if key == "attn_decode_mixed":  # the split the mixed graphs run their decode rows with
+                v2[key]["splits"] = int(max(grid["splits"]))
     v2["overhead"] = {"graph_s": float(graph_s), "graph_max_batch": int(raw["overhead"]["graph_max_batch"]),
                       "graph_sizes": [int(g) for g in graph_sizes], "cpu_per_request_s": float(cpu_per_request_s),
                       "eager_s": float(raw["overhead"].get("eager_s", 0.0)), "eager_ref_reqs": int(ref_reqs)}
@@ -1264,6 +1282,9 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
                     lat, QUICK_LONE_CONTEXTS if quick else FULL_LONE_CONTEXTS,
                     short=min(c for _, c in (QUICK_DECODE if quick else FULL_DECODE)))
             dec_eager = prof.attn_decode(QUICK_DECODE_EAGER if quick else FULL_DECODE_EAGER, eager_tile=True)
+            mixed_splits = prof.mixed_graph_splits()
+            dec_mixed = (prof.attn_decode(QUICK_DECODE_EAGER if quick else FULL_DECODE_EAGER, eager_tile=True,
+                                          splits=mixed_splits) if mixed_splits else None)
             uneven = prof.attn_decode_uneven(QUICK_DECODE_UNEVEN if quick else FULL_DECODE_UNEVEN)
             pre = prof.attn_prefill(QUICK_PREFILL if quick else FULL_PREFILL)
     finally:
@@ -1291,6 +1312,7 @@ def build_profile(model_dir: str, *, model_name: str | None = None, hardware_nam
         "sampling": {"num_rows": rows, "seconds": smp},
         "attn_decode": dec,
         "attn_decode_eager": dec_eager,
+        **({"attn_decode_mixed": dec_mixed} if dec_mixed else {}),
         "attn_prefill": pre,
         "overhead": {"eager_s": 0.0, "graph_s": 0.0, "graph_max_batch": graph_max},
         "meta": {
@@ -1362,6 +1384,41 @@ def refit_steps(profile: dict[str, Any], log: Callable[[str], None] = print) -> 
     return profile
 
 
+def pool_sweeps(profile: dict[str, Any], others: Sequence[dict[str, Any]],
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Refit ``profile``'s step fits on its own step sweep plus those of ``others`` (profiles of
+    the same model and executor on the same machine, each measured in its own process); the op
+    tables and every other term stay ``profile``'s. Edits ``profile`` in place.
+
+    Why: one sweep's per-size lines move by a few per cent from one profiling process to the
+    next (three processes on one H200 predicted the same serving steps of 17-64 requests
+    0.2-5 % apart, and the qps_knee case's TPOT p50 11 % apart); the pooled fit is the same
+    from whichever of them supplies the tables."""
+    if not others:
+        raise ValueError("pooling needs at least one other profile")
+    own = profile["samples"]["step_sweep"]
+    cols = {k: list(v) for k, v in own.items()}
+    step = max(cols["pass_"], default=0) + 1
+    for i, other in enumerate(others, 1):
+        for key in ("model", "hardware"):
+            if other.get(key) != profile.get(key):
+                raise ValueError(f"cannot pool sweeps of {key} {other.get(key)!r} into {profile.get(key)!r}")
+        for key in ("graph_sizes", "mixed_graph_sizes"):
+            if other["overhead"].get(key) != profile["overhead"].get(key):
+                raise ValueError(f"cannot pool sweeps: overhead.{key} differs ({other['overhead'].get(key)} vs "
+                                 f"{profile['overhead'].get(key)}): another executor configuration")
+        sweep = (other.get("samples") or {}).get("step_sweep")
+        if not sweep:
+            raise ValueError(f"profile {i} of the pool has no step sweep (samples.step_sweep)")
+        for k in cols:  # passes renumbered: a step follows another only within its own sweep's pass
+            cols[k] += [v + i * step for v in sweep[k]] if k == "pass_" else list(sweep[k])
+    profile["samples"]["step_sweep"] = cols
+    profile["meta"]["pooled_sweeps"] = [{"date": o["meta"].get("date"), "steps": len(o["samples"]["step_sweep"]["pass_"])}
+                                        for o in others]
+    log(f"pooled {len(others) + 1} step sweeps: {len(cols['pass_'])} steps")
+    return refit_steps(profile, log)
+
+
 def _hardware_name(dev_name: str) -> str:
     low = dev_name.lower()
     for key, name in (("h200", "H200"), ("h100", "H100"), ("a100", "A100"), ("l40", "L40S")):
@@ -1377,6 +1434,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="recompute the eager fit of an older profile from its stored warm pass, write --out")
     ap.add_argument("--refit-steps", default=None, metavar="PROFILE",
                     help="recompute step_fits of a profile from its stored step sweep, write --out")
+    ap.add_argument("--pool-sweeps", default=None, nargs="+", metavar="PROFILE",
+                    help="profiles of the same model on this machine (each from its own process): refit the "
+                         "step fits of the first on all their step sweeps, write --out")
     ap.add_argument("--v2-from-v1", default=None, metavar="PROFILE",
                     help="convert a v1 profile written by this module to v2 (needs --num-kv-heads, --num-sms)")
     ap.add_argument("--num-kv-heads", type=int, default=None, help="the model's KV heads (--v2-from-v1)")
@@ -1400,6 +1460,15 @@ def main(argv: list[str] | None = None) -> None:
         profile = refit_steps(json.loads(Path(args.refit_steps).read_text()))
         Path(args.out).write_text(json.dumps(profile, indent=1, default=float) + "\n")
         print(f"refit step_fits -> {args.out}")
+        return
+    if args.pool_sweeps:
+        first, *rest = (json.loads(Path(p).read_text()) for p in args.pool_sweeps)
+        try:
+            profile = pool_sweeps(first, rest)
+        except ValueError as e:
+            ap.error(str(e))
+        Path(args.out).write_text(json.dumps(profile, indent=1, default=float) + "\n")
+        print(f"pooled step_fits -> {args.out}")
         return
     if args.v2_from_v1:
         if not (args.num_kv_heads and args.num_sms):

@@ -56,6 +56,11 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   prefill chunk, where the kernel tiles every query block for the chunk (64 query rows
   instead of 16) and a serving chunk leaves the launch unsplit. Without it such rows use
   the graph grid.
+* Optional ``attn_decode_mixed`` (a grid like ``attn_decode``, plus ``splits``): decode rows
+  as a mixed-step graph launches them, with the chunk's query tile and the key range split
+  ``splits`` ways, so the longest row's programs walk ``max_context / splits`` keys each (the
+  latency line is read there). Without it the mixed steps use ``attn_decode_eager`` and the
+  unsplit latency line, as the executor ran them before its mixed graphs split the keys.
 * Per-request host time (input preparation, the engine's update) is ``cpu_per_request_s``
   per scheduled request, explicit instead of folded into attention.
 * An eager step is bound by the CPU launching its kernels: ``max(eager_floor(tokens),
@@ -66,8 +71,8 @@ because v1's sums did not describe our executor (see docs/validation.md)::
   the floor not covered by device work is reported as ``cpu_overhead``.
 * Optional ``overhead.mixed_graph_sizes`` / ``mixed_graph_s``: the executor replays a CUDA
   graph for a step with prefill tokens of at most ``mixed_graph_sizes[-1]`` tokens, padded to
-  the next size: its GEMMs run at that size, attention at the real shape (as beside a chunk,
-  unsplit), and its CPU time is ``mixed_graph_s + cpu_per_request_s * num_reqs``, with no
+  the next size: its GEMMs run at that size, attention at the real shape (decode rows as
+  ``attn_decode_mixed`` says, else as beside a chunk, unsplit), and its CPU time is ``mixed_graph_s + cpu_per_request_s * num_reqs``, with no
   launch floor.
 * An eager step that follows a graph step or idling may cost more than one that follows
   another eager step (the launch path is cold): optional ``overhead.eager_after_graph_s`` /
@@ -253,6 +258,10 @@ class CalibratedCostModel(CostModel):
         eager = profile.get("attn_decode_eager")
         self._eager_grid = (DecodeGrid(_section(profile, "attn_decode_eager", ("batch", "context", "seconds")),
                                        "attn_decode_eager") if eager else self._grid)
+        mixed = profile.get("attn_decode_mixed")
+        self._mixed_grid = (DecodeGrid(_section(profile, "attn_decode_mixed", ("batch", "context", "seconds")),
+                                       "attn_decode_mixed") if mixed else None)
+        self.mixed_splits = int(mixed.get("splits", 1)) if mixed else 1
         self.split_max_batch = int(dec.get("split_max_batch", 0))
         lone = dec.get("lone_latency")
         self._latency_line = (PiecewiseLinear(lone["context"], lone["seconds"], "attn_decode.lone_latency") if lone
@@ -325,11 +334,16 @@ class CalibratedCostModel(CostModel):
             else:
                 # One launch runs the prefill chunks' and the decode rows' programs side by side:
                 # it lasts at least their summed work and at least its longest program. Beside a
-                # chunk the decode rows get the chunk's larger query tile (attn_decode_eager).
-                grid = self._eager_grid if batch.prefill_tokens else self._grid
+                # chunk the decode rows get the chunk's larger query tile (attn_decode_eager);
+                # a mixed graph also splits their keys (attn_decode_mixed).
+                splits = 1
+                if mixed and self._mixed_grid is not None:
+                    grid, splits = self._mixed_grid, self.mixed_splits
+                else:
+                    grid = self._eager_grid if batch.prefill_tokens else self._grid
                 attn_d = grid(batch.num_decode, batch.decode_context / batch.num_decode)
                 if self._latency_line is not None:
-                    lat = self._latency_line(batch.max_decode_context) - attn_p
+                    lat = self._latency_line(batch.max_decode_context / splits) - attn_p
                     if lat > attn_d:
                         attn_d = lat
         else:

@@ -123,3 +123,38 @@ def test_samples_round_trip_and_sizes_without_points_keep_the_old_terms() -> Non
     old = CalibratedCostModel(profile).step_time(BatchShape.decode(1, 500))
     new = CalibratedCostModel({**profile, "step_fits": fits}).step_time(BatchShape.decode(1, 500))
     assert new == old
+
+
+def test_pooled_sweeps_fit_as_one_sweep_and_refuse_another_machine() -> None:
+    """``profile.pool_sweeps``: the step fits of several profiling processes' sweeps are the fit of
+    their concatenation (passes kept apart: a sweep's first step follows nothing of another's),
+    the op tables stay the first profile's, and profiles of another model or executor are refused."""
+    from experiments.profile import pool_sweeps
+
+    rng = np.random.default_rng(3)
+    halves = []
+    for _ in range(2):
+        p = _profile()
+        cols = _synthetic_columns(p, rng, noise=0.01)
+        p["samples"] = {"step_sweep": samples_columns(cols)}
+        halves.append(p)
+    first, second = json.loads(json.dumps(halves[0])), json.loads(json.dumps(halves[1]))
+    joined = columns_from_samples(first["samples"]["step_sweep"])
+    more = columns_from_samples(second["samples"]["step_sweep"])
+    for k in joined:
+        joined[k] += [v + 1 for v in more[k]] if k == "pass_" else more[k]
+    expected, _ = fit_step_tables(first, joined)
+    pooled = pool_sweeps(first, [second], log=lambda s: None)
+    assert pooled["step_fits"] == expected
+    assert pooled["attn_decode"] == halves[0]["attn_decode"]
+    assert len(pooled["samples"]["step_sweep"]["pass_"]) == len(joined["pass_"])
+    alone, _ = fit_step_tables(halves[0], columns_from_samples(halves[0]["samples"]["step_sweep"]))
+    assert pooled["step_fits"] != alone
+    other = json.loads(json.dumps(halves[1]))
+    other["model"] = "Llama-3.1-8B"
+    with pytest.raises(ValueError, match="model"):
+        pool_sweeps(json.loads(json.dumps(halves[0])), [other])
+    other = json.loads(json.dumps(halves[1]))
+    other["overhead"]["mixed_graph_sizes"] = [16, 32]
+    with pytest.raises(ValueError, match="mixed_graph_sizes"):
+        pool_sweeps(json.loads(json.dumps(halves[0])), [other])

@@ -195,6 +195,7 @@ def test_whole_pipeline_on_cpu_with_a_tiny_model(tmp_path: Path) -> None:
     # the paired switch penalties
     assert profile["attn_decode"]["lone_latency"]["seconds"]
     assert set(profile["attn_decode_eager"]) == {"batch", "context", "seconds"}
+    assert "attn_decode_mixed" not in profile  # no mixed-step graphs to time the split decode rows of
     assert profile["meta"]["attn_decode_uneven"]["seconds"]
     assert profile["overhead"]["eager_after_graph_s"] >= 0.0 and profile["overhead"]["eager_after_idle_s"] >= 0.0
     assert CalibratedCostModel(profile).version == 2

@@ -84,6 +84,36 @@ def test_eager_tile_grid_prices_decode_rows_beside_a_chunk_only() -> None:
     assert cm.step_time(pure_eager).breakdown["attn_decode"] == base.step_time(pure_eager).breakdown["attn_decode"]
 
 
+def test_mixed_graph_grid_and_split_latency_price_decode_rows_in_a_mixed_graph() -> None:
+    """A mixed-step graph splits its decode rows' keys (executor/cuda_graphs.py): their time is
+    ``attn_decode_mixed`` and the longest row's programs walk max_context / splits keys; eager
+    steps (above the mixed sizes) keep the unsplit chunk-tile grid and latency line."""
+    lone = {"batch": 32, "short_context": 128, "context": [128, 16384], "seconds": [5e-6, 1e-3]}
+    grid = {k: synthetic_profile_v2()["attn_decode"][k] for k in ("batch", "context", "seconds")}
+
+    def profile(mixed: bool) -> dict:
+        p = synthetic_profile_v2()
+        p["attn_decode"]["lone_latency"] = lone
+        p["overhead"]["mixed_graph_sizes"] = [512, 1024]
+        p["attn_decode_eager"] = {**grid, "seconds": [2 * s for s in grid["seconds"]]}
+        if mixed:
+            p["attn_decode_mixed"] = {**grid, "seconds": [0.5 * s for s in grid["seconds"]], "splits": 4}
+        return p
+
+    cm, old = CalibratedCostModel(profile(True)), CalibratedCostModel(profile(False))
+    assert cm.mixed_splits == 4 and old.mixed_splits == 1
+    short = BatchShape.from_lists([1, 1, 300], [500, 700, 300])  # grids, not the latency line
+    t_new, t_old = (m.step_time(short).breakdown["attn_decode"] for m in (cm, old))
+    assert t_new == pytest.approx(t_old / 4, rel=1e-12)  # 0.5x vs 2x the same grid
+    long = BatchShape.from_lists([1, 300], [16384, 300])  # one long row: the latency line binds
+    attn_p = cm.step_time(long).breakdown["attn_prefill"]
+    line = np.interp([16384, 4096], lone["context"], lone["seconds"])
+    assert old.step_time(long).breakdown["attn_decode"] == pytest.approx(line[0] - attn_p, rel=1e-9)
+    assert cm.step_time(long).breakdown["attn_decode"] == pytest.approx(line[1] - attn_p, rel=1e-9)
+    eager = BatchShape.from_lists([1, 2000], [16384, 2000])  # 2001 tokens: above the mixed sizes
+    assert cm.step_time(eager).breakdown["attn_decode"] == old.step_time(eager).breakdown["attn_decode"]
+
+
 FUSED2 = __import__("pathlib").Path(__file__).resolve().parents[2] / "experiments/profiles/qwen3_0_6b_h200_v2_fused2.json"
 
 
