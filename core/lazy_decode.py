@@ -66,7 +66,6 @@ class LazyDecodeScheduler(Scheduler):
         # deferred (see _defer_registrations), in the same phase buckets, also sorted by _seq.
         self._reg_phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]
         self._defer = cache_config.enable_prefix_caching and cache_config.block_size > 1
-        self._interleaving = False  # inside schedule()'s merged loop of active and parked requests
         self._finish_at: dict[int, list[Request]] = {}
         self._finish_steps: list[int] = []  # heap of keys of _finish_at (stale keys popped lazily)
         self._offsets: list[tuple[int, int, Request]] = []  # heap of (-(c0 - p), seq, req), stale entries skipped
@@ -107,8 +106,13 @@ class LazyDecodeScheduler(Scheduler):
         change nothing anyone can observe until the chain is materialized, which calls this
         first (as do unparking and ``BlockPool.cached_blocks``). That saves one edge visit per
         ``block_size`` decode steps of most requests. It registers every block filled through
-        the last step whose edges ran: ``step_id``, or ``step_id - 1`` inside ``schedule``'s
-        merged loop, where the request's own edge of this step comes at its place in order.
+        ``step_id``. Inside ``schedule``'s merged loop of active and parked requests that is one
+        block more than the plain order (the request's own edge of this step comes later), and
+        harmlessly so: only a request starting its chain in this step can share a lazy root (two
+        chains on one root make it eager), and that request registers its block 0 alone, a hash
+        no later block carries (a parked one fills one block a step; an active one ahead of the
+        parked one in running order got at least as many tokens in every step the parked one
+        ran, so it started its chain first).
         """
         if self._apply_deferred(request, end) and end:  # it stays parked, registering at its edges
             bisect.insort(self._reg_phases[self._parked[request].phase], request, key=self._seq.__getitem__)
@@ -119,7 +123,7 @@ class LazyDecodeScheduler(Scheduler):
         if run is None or run.catch_up is None:
             return False
         st = self._parked[request]
-        steps = self.step_id - st.p - (1 if self._interleaving else 0)
+        steps = self.step_id - st.p
         if steps >= 0:  # the oracle knows its tokens: no need to write them for a lazy chain
             self.kv.cache_blocks(request, st.c0 + steps + 1, tokens_known=True)
         if end:
@@ -345,7 +349,6 @@ class LazyDecodeScheduler(Scheduler):
         kv = self.kv
         parked = self._parked
         threshold = self.config.long_prefill_token_threshold
-        self._interleaving = True  # deferred registrations catch up to step s - 1 only (see _catch_up)
         for req in order:
             if req in parked:
                 self._run_edges([req], s)
@@ -363,7 +366,6 @@ class LazyDecodeScheduler(Scheduler):
                                    "_fits() admitted; this is a bug")
             reqs.append(req)
             nums.append(num_new)
-        self._interleaving = False
         n_parked = len(parked)
         budget = self.config.max_num_batched_tokens - sum(nums) - n_parked
         self._blocked = _BLOCKED_NONE

@@ -194,3 +194,25 @@ def test_lazy_fast_forward_runs_leave_the_plain_kv_state(bs, blocks):
             now += sa.duration
         assert _pool_state(plain.scheduler) == _pool_state(lazy.scheduler)
     assert not lazy.has_unfinished() and runs > 5
+
+
+def test_catch_up_inside_the_merged_loop_equals_plain(monkeypatch):
+    """Inside ``schedule``'s merged loop of active and parked requests, parked ``a``'s first
+    block registration materializes the lazy chain of ``b`` (same root, later in running
+    order) in the very step ``b`` fills its block 2: the catch-up registers that block before
+    ``b``'s own edge comes in order (see ``_catch_up``). Step for step, the KV state still
+    equals the plain scheduler's."""
+    calls = []
+    catch_up = LazyDecodeScheduler._catch_up
+
+    def spy(self, request, end):
+        calls.append((self.step_id, request.request_id, bool(self._active)))
+        catch_up(self, request, end)
+
+    monkeypatch.setattr(LazyDecodeScheduler, "_catch_up", spy)
+    specs = [fk.RequestSpec("a", 0.0, [7, 7], 20),  # block 0 = [7, 7, 1, 1] fills in step 3
+             fk.RequestSpec("b", 0.0, [7, 7, 1, 1, 5, 5, 5, 5, 5, 5], 20),  # its block 2 fills in step 3
+             fk.RequestSpec("c", 5e-4, list(range(100, 200)), 5)]  # admitted in step 2, prefilling in step 3
+    sc, cc = _cfg(bs=4, blocks=400, budget=64, max_model_len=256)
+    _lockstep(specs, sc, cc, fk.fixed_token(1))
+    assert (3, "b", True) in calls
