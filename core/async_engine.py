@@ -78,7 +78,7 @@ class AsyncEngineCore(EngineCore):
         self.clock = clock
         self._inflight: _InFlight | None = None
 
-    def use_lazy_decode(self, default_token_id: int) -> None:
+    def use_lazy_decode(self, default_token_id: int, through_finishes: bool = False) -> None:
         raise RuntimeError("the lazy decode scheduler is for simulation; it has no async mode")
 
     def has_unfinished(self) -> bool:

@@ -410,8 +410,11 @@ class BlockPool:
             self._evict(drop, self.run_of[drop])
         return len(drop)
 
-    def usage(self) -> float:
-        return 1.0 - self.free_block_queue.num_free_blocks / self.num_blocks
+    def usage(self, num_free: int | None = None) -> float:
+        """Fraction of blocks in use: now, or when ``num_free`` of them are free."""
+        if num_free is None:
+            num_free = self.free_block_queue.num_free_blocks
+        return 1.0 - num_free / self.num_blocks
 
 
 class HostBlockPool:

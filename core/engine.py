@@ -6,9 +6,11 @@ passes ``env.now``, the real driver the wall clock since the run started.
 """
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import reduce
-from operator import add, itemgetter
+
+import numpy as np
 
 from core.backend import Backend
 from core.config import CacheConfig, SchedulerConfig
@@ -39,54 +41,59 @@ class EngineCore:
         self.finished: list[Request] = []  # every request that ended here, in finish order
         self.steps: list[StepStats] = []
         self._breakdown: dict[str, float] = {}
-        self._pending_breakdowns: list[dict[str, float]] = []  # per-step splits not summed yet
+        self._pending_ops: tuple[str, ...] = ()  # the ops of the queued splits, in their order
+        self._pending_times = array("d")  # queued splits' values: one row of len(_pending_ops) per step
 
     @property
     def breakdown(self) -> dict[str, float]:
         """Total seconds per op, when the backend reports it.
 
-        Steps only queue their split; it is summed here, in step order (the same floats as
-        summing at every step), so a simulated step does not pay ten dict updates.
+        Steps only queue their split's values (see ``_add_breakdown``); they are summed here,
+        in step order, by one numpy accumulate down each op's column: the same floats as
+        adding each split into the totals at its step, without a Python dict walk per step.
         """
+        self._sum_pending()
+        return self._breakdown
+
+    def _sum_pending(self) -> None:
+        times = self._pending_times
+        if not times:
+            return
+        ops = self._pending_ops
         bd = self._breakdown
-        pending = self._pending_breakdowns
-        if not pending:
-            return bd
-        ops = list(pending[0])
-        sums = {}
-        try:  # the common case, every split with the same ops: one C-level left fold per op
-            if sum(map(len, pending)) == len(ops) * len(pending):
-                for op in ops:
-                    sums[op] = reduce(add, map(itemgetter(op), pending), bd.get(op, 0.0))
-        except KeyError:  # some split lacks an op of the first
-            sums = {}
-        if len(sums) == len(ops) and ops:
-            bd.update(sums)
-        else:
-            for split in pending:
-                for op, t in split.items():
-                    bd[op] = bd.get(op, 0.0) + t
-        pending.clear()
-        return bd
+        start = np.array([[bd.get(op, 0.0) for op in ops]])
+        rows = np.concatenate((start, np.frombuffer(times, dtype=np.float64).reshape(-1, len(ops))))
+        self._pending_times = array("d")
+        bd.update(zip(ops, np.add.accumulate(rows, axis=0)[-1].tolist()))
 
     def _add_breakdown(self, split: dict[str, float]) -> None:
-        pending = self._pending_breakdowns
-        pending.append(split)
-        if len(pending) >= 4096:  # bounded memory
-            self.breakdown
+        """Queue a step's split: its values, flat, while the ops (and their order) stay those
+        of the queued ones; else the queued ones are summed first."""
+        ops = tuple(split)
+        if ops != self._pending_ops:
+            self._sum_pending()
+            self._pending_ops = ops
+        times = self._pending_times
+        times.extend(split.values())
+        if len(times) >= 1 << 18:  # bounded memory
+            self._sum_pending()
 
-    def use_lazy_decode(self, default_token_id: int) -> None:
+    def use_lazy_decode(self, default_token_id: int, through_finishes: bool = False) -> None:
         """Swap in a ``LazyDecodeScheduler`` (same configs; only before any request).
 
         Only for backends that emit known decode tokens: each request's
         ``forced_output_token_ids``, then ``default_token_id`` (the simulator's backend).
+        ``through_finishes``: its fast-forward runs may go on past finishes while nobody waits
+        (only for a caller that needs no finish before the run is applied, see
+        ``LazyDecodeScheduler.decode_segments``).
         """
         old = self.scheduler
         if old.requests or old.step_id:
             raise RuntimeError("use_lazy_decode() must be called before the engine gets requests")
         if isinstance(old, LazyDecodeScheduler):
             return
-        self.scheduler = LazyDecodeScheduler(old.config, old.cache_config, old.eos_token_id, default_token_id)
+        self.scheduler = LazyDecodeScheduler(old.config, old.cache_config, old.eos_token_id, default_token_id,
+                                             through_finishes)
 
     # --- requests --------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -168,33 +175,44 @@ class EngineCore:
         return self.scheduler.decode_horizon()
 
     def apply_decode_steps(self, now: float, durations: list[float], token_ids: list[list[int]] | None,
-                           breakdown: dict[str, float] | None = None,
+                           breakdowns: Sequence[dict[str, float]] = (),
                            ends: list[float] | None = None) -> list[Request]:
         """Apply ``len(durations)`` decode steps starting at ``now`` in one go.
 
         ``token_ids[i]`` are the tokens of ``scheduler.running[i]``, one per step (None for a
         ``LazyDecodeScheduler``, which knows them). Equal to calling ``step`` that many
-        times; recorded as one StepStats row with ``num_steps``. ``ends``, if given, are the
+        times; recorded as StepStats rows with ``num_steps``, one per stretch with one batch (a
+        ``LazyDecodeScheduler`` run may go on past finishes). ``ends``, if given, are the
         steps' end times as the caller already summed them (``now`` plus the durations, one
-        by one, in order: the same floats).
+        by one, in order: the same floats). ``breakdowns``: per-op splits of the run, in order.
         """
         sched = self.scheduler
-        k = len(durations)
         if ends is None:
             ends = []
             t = now
             for d in durations:
                 t += d
                 ends.append(t)
-        else:
-            t = ends[-1]
-        batch = len(sched.running)
         first_step = sched.step_id + 1
-        finished = sched.apply_decode_steps(k, ends, token_ids)
+        finished = sched.apply_decode_steps(len(durations), ends, token_ids)
         self.finished.extend(finished)
-        if breakdown:
-            self._add_breakdown(breakdown)
+        for split in breakdowns:
+            self._add_breakdown(split)
         if self.record_steps:
-            self.steps.append(StepStats(first_step, now, t - now, k, batch, 0, batch * k, len(sched.waiting),
-                                        len(sched.running), 0, sched.kv.usage(), 0, self.replica_id))
+            self._record_run(first_step, now, ends)
         return finished
+
+    def _record_run(self, first_step: int, now: float, ends: list[float]) -> None:
+        """One ``StepStats`` row per stretch of the run with one batch (``run_segments``): the
+        rows the same stretches run as separate fast-forward runs would leave."""
+        sched = self.scheduler
+        segments = sched.run_segments
+        waiting = len(sched.waiting)
+        i, start = 0, now
+        for j, (n, batch, usage) in enumerate(segments):
+            running = segments[j + 1][1] if j + 1 < len(segments) else len(sched.running)
+            end = ends[i + n - 1]
+            self.steps.append(StepStats(first_step + i, start, end - start, n, batch, 0, batch * n, waiting, running,
+                                        0, usage, 0, self.replica_id))
+            i += n
+            start = end

@@ -50,8 +50,8 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.block_pool.free_block_queue.num_free_blocks
 
-    def usage(self) -> float:
-        return self.block_pool.usage()
+    def usage(self, num_free: int | None = None) -> float:
+        return self.block_pool.usage(num_free)
 
     def block_ids(self, request_id: str) -> list[int]:
         return self.req_to_block_ids.get(request_id, [])

@@ -20,12 +20,18 @@ on parked requests in a way this bookkeeping does not model (a possible preempti
 token budget that cannot cover every running request) first writes every parked request
 back and runs the plain step. Only a backend that knows the decode tokens in advance may use
 it: the simulator's ``SimBackend`` (``default_token_id`` is its ``SIM_TOKEN_ID``).
+
+With ``through_finishes`` a fast-forward run (``decode_segments``, ``apply_decode_steps``)
+goes on past finishes while nobody waits: a finish then only shrinks the batch, so the run
+is planned as segments with one batch each (costed by the caller as the separate runs they
+replace) and each finished request leaves at its step, as in the plain scheduler.
 """
 from __future__ import annotations
 
 import bisect
 import heapq
 from array import array
+from collections.abc import Iterator
 from functools import partial
 
 from core.config import CacheConfig, SchedulerConfig
@@ -56,7 +62,7 @@ class LazyDecodeScheduler(Scheduler):
     emits_token_ids = False  # its backend knows every id (see the module docstring)
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 eos_token_id: int | None = None, default_token_id: int = 1) -> None:
+                 eos_token_id: int | None = None, default_token_id: int = 1, through_finishes: bool = False) -> None:
         super().__init__(scheduler_config, cache_config, eos_token_id)
         self.default_token_id = default_token_id
         self._default_block = (default_token_id,) * cache_config.block_size
@@ -66,6 +72,7 @@ class LazyDecodeScheduler(Scheduler):
         # deferred (see _defer_registrations), in the same phase buckets, also sorted by _seq.
         self._reg_phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]
         self._defer = cache_config.enable_prefix_caching and cache_config.block_size > 1
+        self.through_finishes = through_finishes
         self._finish_at: dict[int, list[Request]] = {}
         self._finish_steps: list[int] = []  # heap of keys of _finish_at (stale keys popped lazily)
         self._offsets: list[tuple[int, int, Request]] = []  # heap of (-(c0 - p), seq, req), stale entries skipped
@@ -518,32 +525,40 @@ class LazyDecodeScheduler(Scheduler):
             heapq.heappop(steps)
         return steps[0]
 
-    def _take_all_blocks(self, s0: int, k: int) -> bool:
-        """The edges of steps ``s0+1..s0+k`` in one go, if they only take blocks; else False.
+    def _take_all_blocks(self, s0: int, k: int) -> list[int] | None:
+        """The edges of steps ``s0+1..s0+k`` in one go, if they only take blocks: the step of
+        each block taken, in order; else None (nothing done).
 
         Taking blocks in step order and running order from the LRU head is one
         ``get_new_blocks`` of them all. Only a registration that touches the index (an eager
-        chain's; lazy chains' are deferred, see ``_catch_up``) could tell the order apart.
+        chain's; lazy chains' are deferred, see ``_catch_up``) could tell the order apart. So
+        could a finish inside the run, but only if the pool ran short: its freed blocks join
+        the queue's tail, and the takes after it come from the head as long as the blocks free
+        before the run cover them all (else None).
         """
         kv = self.kv
         bs = kv.block_size
-        steps = range(s0 + 1, s0 + k + 1)
-        if kv.enable_prefix_caching and (bs == 1 or any(self._reg_phases[(bs - 1 - s) % bs] for s in steps)):
-            return False
+        if kv.enable_prefix_caching and (bs == 1 or any(self._reg_phases[(bs - 1 - s) % bs]
+                                                        for s in range(s0 + 1, s0 + min(k, bs) + 1))):
+            return None
         parked = self._parked
         phases = self._phases
         tables: list[list[int]] = []  # one entry per block to take, in order
-        for s in steps:
+        steps: list[int] = []
+        for s in range(s0 + 1, s0 + k + 1):
             for r in phases[-s % bs]:
                 st = parked[r]
                 # Edges come at multiples of bs, so a request's earlier take in this run (not
                 # appended yet) never changes whether this one is needed.
-                if st.c0 + s - st.p >= len(st.block_ids) * bs:
+                if st.c0 + s - st.p >= len(st.block_ids) * bs and s <= st.finish:
                     tables.append(st.block_ids)
+                    steps.append(s)
+        if len(tables) > kv.num_free_blocks:
+            return None
         if tables:
             for table, block in zip(tables, kv.block_pool.get_new_blocks(len(tables))):
                 table.append(block)
-        return True
+        return steps
 
     def _takes_within(self, k: int) -> int:
         """Blocks the parked requests may take in the next ``k`` steps (an upper bound)."""
@@ -558,21 +573,120 @@ class LazyDecodeScheduler(Scheduler):
 
     def apply_decode_steps(self, k: int, step_end_times: list[float],
                            token_ids: list[list[int]] | None = None) -> list[Request]:
-        """``k`` pure-decode steps of parked requests; ``token_ids`` is not needed (the ids are known)."""
+        """``k`` pure-decode steps of parked requests; ``token_ids`` is not needed (the ids are known).
+
+        With ``through_finishes`` and nobody waiting the run may go on past finishes (see
+        ``decode_segments``): each finished request leaves at its step, stamped with that step's
+        end, exactly as the plain scheduler would finish and free it.
+        """
         s0 = self.step_id
-        if self._active or not self._parked or self._next_finish() < s0 + k:
-            raise RuntimeError(f"apply_decode_steps({k}): not a run of identical pure-decode steps "
-                               "(see decode_horizon)")
+        last = s0 + k
+        if self._active or not self._parked or (self._next_finish() < last and not self._runs_through_finishes()):
+            raise RuntimeError(f"apply_decode_steps({k}): not a run of pure-decode steps (see decode_horizon)")
         self.finished_req_ids = []  # delivered with the run (see decode_horizon)
-        if not self._take_all_blocks(s0, k):
-            for s in range(s0 + 1, s0 + k + 1):
-                self._run_edges(self._edge_requests(s), s)
         ends = self._ends
         if len(ends) <= s0:
             ends.extend([0.0] * (s0 + 1 - len(ends)))
         ends.extend(step_end_times)
-        self.step_id = s0 + k
-        finished = self._finish_parked(s0 + k, step_end_times[-1])
-        if finished:
-            self._finish(finished)
+        batch = len(self._parked)
+        segments = self.run_segments = []
+        finished: list[Request] = []
+        kv = self.kv
+        start = s0  # the current stretch with one batch begins after this step
+        f = self._next_finish()
+        takes = self._take_all_blocks(s0, k)
+        if takes is not None:  # the stretches' blocks are taken: KV usage after a finish counts later takes as free
+            while f <= last:
+                done = self._finish_step(f, step_end_times[f - s0 - 1], finished)
+                later = len(takes) - bisect.bisect_right(takes, f)
+                segments.append((f - start, batch, kv.usage(kv.num_free_blocks + later)))
+                batch -= done
+                start = f
+                f = self._next_finish() if self._parked else last + 1
+        else:  # registrations touch the index: edge by edge, each finish at its step (the plain order)
+            for s in range(s0 + 1, last + 1):
+                self._run_edges(self._edge_requests(s), s)
+                if s == f:
+                    done = self._finish_step(f, step_end_times[f - s0 - 1], finished)
+                    segments.append((f - start, batch, kv.usage()))
+                    batch -= done
+                    start = f
+                    f = self._next_finish() if self._parked else last + 1
+        if start < last:
+            segments.append((last - start, batch, kv.usage()))
+        self.step_id = last
         return finished
+
+    def _runs_through_finishes(self) -> bool:
+        """Whether a run may go on past a finish: a finish then only shrinks the batch (nobody
+        waits for the blocks it frees, and the caller asked for it, see ``through_finishes``)."""
+        return self.through_finishes and not self.waiting
+
+    def _finish_step(self, f: int, now: float, finished: list[Request]) -> int:
+        """Finish and free the parked requests whose last step is ``f`` (ending at ``now``); how many."""
+        self.step_id = f  # their deferred registrations catch up through f
+        done = self._finish_parked(f, now)
+        if done:
+            self._finish(done)
+            finished.extend(done)
+        return len(done)
+
+    def decode_segments(self) -> Iterator[tuple[int, int, int, int]]:
+        """The next fast-forward run, as segments of steps with one batch: ``(steps, batch, sum
+        of context lengths, longest context)``, the shape of each segment's first step.
+
+        The first segment is ``decode_horizon()`` steps of ``decode_shape()``. With
+        ``_runs_through_finishes`` the run goes on past each finish with the batch that is
+        left, one segment per finish step (so a caller costs each segment as the separate runs
+        it replaces), for as long as the KV pool surely holds what the whole run takes (frees
+        not counted: the next run, planned after this one is applied, counts them). The
+        caller takes segments until it has enough (the next arrival); each is computed lazily.
+        """
+        k = self.decode_horizon()
+        if not k:
+            return
+        n, ctx, longest = self.decode_shape()
+        yield k, n, ctx, longest
+        f = self.step_id + k
+        if not self._runs_through_finishes() or f != self._next_finish():
+            return
+        bs = self.kv.block_size
+        free = self.kv.num_free_blocks - n * -(-k // bs)  # each request takes at most one block per bs steps
+        parked = self._parked
+        finish_at = self._finish_at
+        offset_sum = self._offset_sum
+        offsets = _ascending(self._offsets)
+        top = next(offsets)  # live (decode_shape just dropped stale tops): the longest context
+        for g in _ascending(self._finish_steps):
+            if g <= f or g not in finish_at:
+                continue  # f itself, a stale or repeated key
+            for r in finish_at[f]:  # the batch after step f
+                offset_sum -= parked[r].c0 - parked[r].p
+            n -= len(finish_at[f])
+            while True:  # the longest context among those left
+                st = parked.get(top[2])
+                if st is not None and st.p - st.c0 == top[0] and st.finish > f:
+                    break
+                top = next(offsets)
+            k = g - f
+            free -= n * -(-k // bs)
+            if free < 0:
+                return
+            yield k, n, offset_sum + n * (f + 1) + n, f + 2 - top[0]
+            f = g
+
+
+def _ascending(heap: list) -> Iterator:
+    """The items of a heap list in ascending order, without changing it (a best-first walk)."""
+    if not heap:
+        return
+    n = len(heap)
+    frontier = [(heap[0], 0)]
+    while frontier:
+        item, i = heapq.heappop(frontier)
+        yield item
+        child = 2 * i + 1
+        if child < n:
+            heapq.heappush(frontier, (heap[child], child))
+            if child + 1 < n:
+                heapq.heappush(frontier, (heap[child + 1], child + 1))

@@ -71,6 +71,9 @@ class Scheduler:
         self._scheduled_reqs: list[Request] = []  # requests of the last schedule(), for update
         self._blocked_need = 0  # whole-prompt tokens the blocked head needs (no chunking)
         self._swap = scheduler_config.preemption_mode == "swap"
+        # The last apply_decode_steps run, one entry per stretch of it with one batch (a lazy
+        # scheduler's run may go on past finishes): (steps, batch, KV usage at its end).
+        self.run_segments: list[tuple[int, int, float]] = []
 
     # --- requests in and out -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -505,6 +508,7 @@ class Scheduler:
                     kv.cache_blocks(r, r.num_computed_tokens + step + 1)
                 else:
                     held[r.request_id].append(get())
+        batch = len(running)
         finished = []
         for r, toks in zip(running, token_ids):
             r.num_computed_tokens += k
@@ -514,4 +518,5 @@ class Scheduler:
         self.step_id += k
         if finished:
             self._finish(finished)
+        self.run_segments = [(k, batch, kv.usage())]
         return finished

@@ -3,7 +3,11 @@
 Each replica is a core ``EngineCore`` with a ``SimBackend``. A replica process runs a
 step, then sleeps for the step's predicted duration. When the batch is pure decode and
 nothing can change it (``EngineCore.decode_horizon``), the replica sleeps once over k
-steps instead ("fast-forward"). The k steps are applied lazily: an arrival that lands
+steps instead ("fast-forward"). With open-loop arrivals a run goes on past finishes while
+nobody waits, the batch shrinking at each (``LazyDecodeScheduler.decode_segments``; each
+stretch between finishes is costed as a run of its own, so the times are the same floats
+as stopping at every finish; in a closed loop a finish issues the user's next request,
+so a run stops there). The k steps are applied lazily: an arrival that lands
 in the middle first syncs the replica (applies the steps that started before it) and
 interrupts its sleep, so results equal step-by-step simulation exactly, whatever the
 arrival process (open loop, trace, closed loop with think times). With fast-forward on, each
@@ -53,7 +57,8 @@ class Replica:
         backend.bind(engine.scheduler.requests)
         self.wake: simpy.Event | None = None
         self._ff: tuple[float, list[float], list[float]] | None = None  # start, durations, ends
-        self._ff_shape = (0, 0, 0)  # (batch, total context, longest context) at the start of the pending run
+        # The last planned run's segments: (index of its first step, batch, total context, longest context).
+        self._ff_segments: list[tuple[int, int, int, int]] = []
         self._busy_until = 0.0
         self.process = sim.env.process(self._run())
 
@@ -81,18 +86,27 @@ class Replica:
 
     def _apply(self, start: float, durations: list[float], ends: list[float]) -> None:
         eng = self.engine
-        breakdown = self._decode_breakdown(len(durations), sum(durations))
         # The engine's LazyDecodeScheduler knows the decode tokens (forced ids, else SIM_TOKEN_ID).
-        finished = eng.apply_decode_steps(start, durations, None, breakdown, ends)
+        finished = eng.apply_decode_steps(start, durations, None, self._decode_breakdowns(durations), ends)
         self.sim._on_finished(finished)
 
-    def _decode_breakdown(self, k: int, total: float) -> dict[str, float]:
-        """Per-op split of k fast-forwarded decode steps: the middle step's split, scaled to
-        the exact total (only the plot of where time goes reads it; timings are exact)."""
-        batch, ctx, longest = self._ff_shape
-        mid = self.backend.cost_model.decode_step_timing(batch, ctx + (k // 2) * batch, longest + k // 2)
-        scale = total / mid.total if mid.total > 0 else 0.0
-        return {op: t * scale for op, t in mid.breakdown.items()}
+    def _decode_breakdowns(self, durations: list[float]) -> list[dict[str, float]]:
+        """Per-op splits of the planned run's first ``len(durations)`` steps, one per segment:
+        its middle step's split, scaled to the segment's exact total (only the plot of where
+        time goes reads it; timings are exact)."""
+        timing = self.backend.cost_model.decode_step_timing
+        segments = self._ff_segments
+        k = len(durations)
+        splits = []
+        for i, (first, batch, ctx, longest) in enumerate(segments):
+            if first >= k:
+                break
+            stop = min(segments[i + 1][0], k) if i + 1 < len(segments) else k
+            j = (stop - first) // 2
+            mid = timing(batch, ctx + j * batch, longest + j)
+            scale = sum(durations[first:stop]) / mid.total if mid.total > 0 else 0.0
+            splits.append({op: t * scale for op, t in mid.breakdown.items()})
+        return splits
 
     def _run(self):
         env = self.sim.env
@@ -107,10 +121,11 @@ class Replica:
                 self.wake = None
                 cost.note_idle(env.now - idle_from)
                 continue
-            k = eng.decode_horizon() if ff else 0
-            if k >= 1:
-                yield from self._fast_forward(env.now, k)
-                continue
+            if ff:
+                durations, ends = self._plan(env.now)
+                if durations:
+                    yield from self._fast_forward(env.now, durations, ends)
+                    continue
             out = eng.step(env.now)
             self.sim.num_events += 1
             self.sim._on_finished(out.finished)
@@ -119,15 +134,36 @@ class Replica:
                 # What the replica will do at the end of this step is already known (nothing can
                 # reach it before then): when that is a fast-forward run, plan it now and sleep
                 # once through both.
-                k = eng.decode_horizon()
-                if k >= 1:
-                    yield from self._fast_forward(end, k)
+                durations, ends = self._plan(end)
+                if durations:
+                    yield from self._fast_forward(end, durations, ends)
                     continue
             yield env.timeout(out.duration)
 
-    def _fast_forward(self, start: float, k: int):
-        """Sleep through a run of ``k`` decode steps from ``start`` (now, or the end of the step
-        in flight), applied when it ends or, up to an arrival, by that arrival's ``sync``.
+    def _plan(self, start: float) -> tuple[list[float], list[float]]:
+        """Durations and end times of the next fast-forward run from ``start`` (both empty if
+        there is none), segment by segment up to the first step that ends at or after the next
+        known arrival (the rest could not run: the arrival cuts the run there)."""
+        decode_times = self.backend.cost_model.decode_step_times_list
+        arrival = self.sim.next_arrival()
+        durations: list[float] = []
+        ends: list[float] = []
+        segments = self._ff_segments = []
+        t = start
+        for k, batch, ctx, longest in self.engine.scheduler.decode_segments():
+            segments.append((len(durations), batch, ctx, longest))
+            times = decode_times(batch, ctx, k, longest)
+            durations += times
+            for d in times:
+                t += d
+                ends.append(t)
+            if t >= arrival:
+                break
+        return durations, ends
+
+    def _fast_forward(self, start: float, durations: list[float], ends: list[float]):
+        """Sleep through a planned run of decode steps from ``start`` (now, or the end of the
+        step in flight), applied when it ends or, up to an arrival, by that arrival's ``sync``.
 
         With quiet wake-ups (one replica, open loop) nothing but a known arrival can reach the
         replica, so runs that end before the next arrival are applied at once, back to back
@@ -137,23 +173,14 @@ class Replica:
         env = self.sim.env
         eng = self.engine
         arrival = self.sim.next_arrival()
-        decode_times = self.backend.cost_model.decode_step_times_list
         while True:
-            batch, ctx, longest = eng.scheduler.decode_shape()
-            self._ff_shape = (batch, ctx, longest)
-            durations = decode_times(batch, ctx, k, longest)
-            ends = []
-            t = start
-            for d in durations:
-                t += d
-                ends.append(t)
             self.sim.num_events += 1
-            if not (self.sim.quiet_wakeups and t < arrival):
+            if not (self.sim.quiet_wakeups and ends[-1] < arrival):
                 break
             self._apply(start, durations, ends)
-            start = t
-            k = eng.decode_horizon() if eng.has_unfinished() else 0
-            if not k:
+            start = ends[-1]
+            durations, ends = self._plan(start) if eng.has_unfinished() else ([], [])
+            if not durations:
                 yield env.timeout(start - env.now)
                 return
         # Steps that start after the next known arrival would be discarded by its sync:
@@ -193,8 +220,8 @@ class Simulation:
         self.env = simpy.Environment()
         self.fast_forward = fast_forward
         if fast_forward:  # steady decoders cost nothing per step, and fast-forward reads their shape in O(1)
-            for e in engines:
-                e.use_lazy_decode(SIM_TOKEN_ID)
+            for e in engines:  # in a closed loop a finish issues a request: runs stop there
+                e.use_lazy_decode(SIM_TOKEN_ID, through_finishes=not closed_loop)
         self.num_events = 0
         self.replicas = [Replica(self, i, e, e.backend) for i, e in enumerate(engines)]
         self.router = make_router(router, len(engines))

@@ -196,6 +196,72 @@ def test_lazy_fast_forward_runs_leave_the_plain_kv_state(bs, blocks):
     assert not lazy.has_unfinished() and runs > 5
 
 
+@pytest.mark.parametrize("bs,blocks,prefix,rate", [(4, 2000, True, 1e9), (16, 400, True, 1e9), (4, 2000, False, 1e9),
+                                                   (4, 60, True, 1e9), (16, 30, True, 1e9), (4, 2000, True, 300.0)])
+def test_runs_through_finishes_equal_plain_steps(bs, blocks, prefix, rate):
+    """With ``through_finishes`` and nobody waiting, a run planned by ``decode_segments`` goes
+    on past finishes, the batch shrinking at each. The plain engine stepping through it gives,
+    after every run, the same KV state (tables, free order, index, evictions) and finishes, and
+    the same shape at each segment's first step; the run leaves one StepStats row per segment,
+    each what the plain engine's rows of those steps add up to."""
+    specs = fk.random_workload(5, n=16 if rate > 1e6 else 40, rate=rate, prompt_len=(4, 60), max_tokens=(5, 60),
+                               vocab=3)  # all at once: as many as run at once (max_num_seqs)
+    sc, cc = _cfg(bs=bs, blocks=blocks, budget=256, prefix=prefix)
+    plain, lazy = fk.make_engine(sc, cc, fk.fixed_token(1)), fk.make_engine(sc, cc, fk.fixed_token(1))
+    lazy.use_lazy_decode(default_token_id=1, through_finishes=True)
+    lazy.backend.bind(lazy.scheduler.requests)
+    pending = sorted(specs, key=lambda s: (s.arrival, s.rid))
+    now, pi, through = 0.0, 0, 0
+    while plain.has_unfinished() or pi < len(pending):
+        while pi < len(pending) and pending[pi].arrival <= now:
+            plain.add_request(pending[pi].build())
+            lazy.add_request(pending[pi].build())
+            pi += 1
+        if not plain.has_unfinished():
+            now = pending[pi].arrival
+            continue
+        segments = list(lazy.scheduler.decode_segments())
+        if sum(k for k, *_ in segments) < 2:
+            sa, sb = plain.step(now), lazy.step(now)
+            assert sa.duration == sb.duration
+            assert [r.request_id for r in sa.finished] == [r.request_id for r in sb.finished]
+            now += sa.duration
+        else:
+            first_row, t, durations, finished = len(plain.steps), now, [], []
+            for k, batch, ctx, longest in segments:
+                for j in range(k):
+                    step = plain.step(t)
+                    if j == 0:  # the segment's shape is its first step's
+                        out = step.scheduler_output
+                        assert (out.num_reqs, sum(out.num_computed_tokens) + out.num_reqs,
+                                max(out.num_computed_tokens) + 1) == (batch, ctx, longest)
+                    durations.append(step.duration)
+                    finished += [r.request_id for r in step.finished]
+                    t += step.duration
+            lazy_rows = len(lazy.steps)
+            assert [r.request_id for r in lazy.apply_decode_steps(now, durations, None)] == finished
+            rows, i = lazy.steps[lazy_rows:], first_row
+            assert len(rows) == len(segments)
+            for row, (k, batch, _, _) in zip(rows, segments):
+                steps = plain.steps[i:i + k]
+                assert (row.step_id, row.time, row.num_steps, row.batch_size, row.num_decode_tokens) == \
+                       (steps[0].step_id, steps[0].time, k, batch, sum(s.num_decode_tokens for s in steps))
+                assert {s.batch_size for s in steps} == {batch}
+                assert (row.num_running, row.num_waiting, row.kv_usage) == \
+                       (steps[-1].num_running, steps[-1].num_waiting, steps[-1].kv_usage)
+                i += k
+            through += len(segments) - 1  # finishes the run went past
+            now = t
+        assert _pool_state(plain.scheduler) == _pool_state(lazy.scheduler)
+        fk.check_invariants(lazy.scheduler)
+    assert not lazy.has_unfinished()
+    assert through >= (2 if blocks < 100 else 10)
+    for ra in plain.finished:
+        rb = next(r for r in lazy.finished if r.request_id == ra.request_id)
+        assert (ra.status, ra.output_token_ids, list(ra.token_times), ra.first_token_time, ra.finish_time) == \
+               (rb.status, rb.output_token_ids, list(rb.token_times), rb.first_token_time, rb.finish_time)
+
+
 def test_catch_up_inside_the_merged_loop_equals_plain(monkeypatch):
     """Inside ``schedule``'s merged loop of active and parked requests, parked ``a``'s first
     block registration materializes the lazy chain of ``b`` (same root, later in running

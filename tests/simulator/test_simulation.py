@@ -167,3 +167,24 @@ def test_quiet_wakeups_change_no_event(monkeypatch):
     assert _per_request(quiet) == _per_request(loud)
     assert [dataclasses.astuple(s) for s in quiet.result.steps] == [dataclasses.astuple(s) for s in loud.result.steps]
     assert quiet.metrics["num_events"] == loud.metrics["num_events"]
+
+
+@pytest.mark.parametrize("case", ["sharegpt_poisson", "tiny_kv_preemption", "dp2_prefix_aware", "calibrated_v2"])
+def test_runs_through_finishes_change_no_result(case, monkeypatch):
+    """Open loop: a fast-forward run goes on past finishes while nobody waits, each stretch
+    between finishes costed as a run of its own. Stopping every run at its first finish
+    instead (the closed loop's way) gives the very same requests, steps (one row per stretch)
+    and op breakdown, in fewer events."""
+    from core.engine import EngineCore
+
+    workload, kw = CASES[case]
+    through = _run(workload, **kw)
+    use_lazy_decode = EngineCore.use_lazy_decode
+    monkeypatch.setattr(EngineCore, "use_lazy_decode", lambda self, token, through_finishes=False:
+                        use_lazy_decode(self, token, through_finishes=False))
+    stopping = _run(workload, **kw)
+    assert _per_request(through) == _per_request(stopping)
+    assert [dataclasses.astuple(s) for s in through.result.steps] == \
+           [dataclasses.astuple(s) for s in stopping.result.steps]
+    assert through.result.breakdown == stopping.result.breakdown
+    assert through.result.num_events < stopping.result.num_events
