@@ -66,8 +66,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.profile_steps import (columns_from_samples, device_only_model, fit_step_tables, measure_step_sweep,
-                                      samples_columns)
+from experiments.profile_steps import (columns_from_samples, device_only_model, fit_step_tables, level_sources,
+                                      measure_step_sweep, samples_columns)
 
 PROFILE_FORMAT = "servelab-profile-v2"
 PROFILE_FORMAT_V1 = "servelab-profile-v1"
@@ -1387,18 +1387,22 @@ def refit_steps(profile: dict[str, Any], log: Callable[[str], None] = print) -> 
 def pool_sweeps(profile: dict[str, Any], others: Sequence[dict[str, Any]],
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Refit ``profile``'s step fits on its own step sweep plus those of ``others`` (profiles of
-    the same model and executor on the same machine, each measured in its own process); the op
-    tables and every other term stay ``profile``'s. Edits ``profile`` in place.
+    the same model and executor on the same machine, each measured in its own process), each
+    pass of each sweep brought to the level of the median process's run of that pass
+    (``profile_steps.level_sources``); the op tables and every other term stay ``profile``'s.
+    Edits ``profile`` in place.
 
     Why: one sweep's per-size lines move by a few per cent from one profiling process to the
     next (three processes on one H200 predicted the same serving steps of 17-64 requests
-    0.2-5 % apart, and the qps_knee case's TPOT p50 11 % apart); the pooled fit is the same
-    from whichever of them supplies the tables."""
+    0.2-5 % apart, and the qps_knee case's TPOT p50 11 % apart), because a process now and
+    then runs a whole pass slow; the pooled, levelled fit is nearly the same from whichever of
+    them supplies the tables."""
     if not others:
         raise ValueError("pooling needs at least one other profile")
     own = profile["samples"]["step_sweep"]
     cols = {k: list(v) for k, v in own.items()}
     step = max(cols["pass_"], default=0) + 1
+    sources, passes = [0] * len(cols["pass_"]), list(cols["pass_"])
     for i, other in enumerate(others, 1):
         for key in ("model", "hardware"):
             if other.get(key) != profile.get(key):
@@ -1410,12 +1414,21 @@ def pool_sweeps(profile: dict[str, Any], others: Sequence[dict[str, Any]],
         sweep = (other.get("samples") or {}).get("step_sweep")
         if not sweep:
             raise ValueError(f"profile {i} of the pool has no step sweep (samples.step_sweep)")
+        if max(sweep["pass_"], default=0) >= step:
+            raise ValueError(f"profile {i} of the pool ran other sweep passes ({max(sweep['pass_']) + 1} vs {step})")
         for k in cols:  # passes renumbered: a step follows another only within its own sweep's pass
             cols[k] += [v + i * step for v in sweep[k]] if k == "pass_" else list(sweep[k])
-    profile["samples"]["step_sweep"] = cols
-    profile["meta"]["pooled_sweeps"] = [{"date": o["meta"].get("date"), "steps": len(o["samples"]["step_sweep"]["pass_"])}
-                                        for o in others]
-    log(f"pooled {len(others) + 1} step sweeps: {len(cols['pass_'])} steps")
+        sources += [i] * len(sweep["pass_"])
+        passes += list(sweep["pass_"])
+    levelled, offsets = level_sources(profile, columns_from_samples(cols), sources, passes)
+    profile["samples"]["step_sweep"] = samples_columns(levelled)
+    profile["meta"]["pooled_sweeps"] = {
+        "profiles": [{"date": o["meta"].get("date"), "steps": len(o["samples"]["step_sweep"]["pass_"])}
+                     for o in (profile, *others)],
+        "pass_offsets_us": {str(p): v for p, v in offsets.items()},
+        "note": "walls in samples.step_sweep are levelled: each (pass, profile) shifted by the offset here"}
+    log(f"pooled {len(others) + 1} step sweeps: {len(cols['pass_'])} steps; per pass, each profile's offset "
+        f"from the median one (us): {offsets}")
     return refit_steps(profile, log)
 
 

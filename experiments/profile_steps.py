@@ -99,6 +99,7 @@ MIN_EAGER_POINTS = 25  # five coefficients: fewer device-bound eager steps keep 
 DECODE_KNOTS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_SIGMA_S = 1e-6  # step walls are not steadier than a microsecond
 HUBER_K = 1.345  # the usual Huber constant (95% efficiency on normal noise)
+LEVEL_ROUNDS = 2  # pooled sweeps: refits with the (pass, source) levels (the second changes them < 5 us)
 
 SAMPLE_FIELDS = ("pass_", "num_reqs", "num_tokens", "num_sampling", "num_decode", "decode_context",
                  "prefill_tokens", "prefill_context", "prefill_pairs", "max_decode_context")
@@ -267,6 +268,41 @@ def fit_step_tables(profile: dict[str, Any], cols: dict[str, list[float]]) -> tu
         summary[kind]["n"].append(len(rows))
         summary[kind]["median_abs_rel_err"].append(round(float(np.median(err)), 4))
     return fits, summary
+
+
+def level_sources(profile: dict[str, Any], cols: dict[str, list[float]], sources: Sequence[int],
+                  passes: Sequence[int], rounds: int = LEVEL_ROUNDS) -> tuple[dict[str, list[float]], dict[int, list[float]]]:
+    """Bring every (pass, source) group of pooled sweeps to the level of the median source's
+    run of the same pass: shift its walls by its median residual (against the pooled fit) minus
+    the median of those over the sources, then refit; ``rounds`` times.
+    Why: a profiling process now and then runs a whole pass slow (a sweep pass of 1-10 s ran
+    its 1-8-request decode steps 140-230 us slower in one of three processes on one H200, while
+    three serving runs there agreed to 1-2 %); an average over processes would carry a third of
+    that, the median process carries none of it. Returns the shifted columns and, per pass,
+    each source's shift in microseconds."""
+    from simulator.cost_model.base import BatchShape
+    from simulator.cost_model.calibrated import CalibratedCostModel
+
+    wall = np.asarray(cols["wall_s"], dtype=float)
+    src, orig = np.asarray(sources), np.asarray(passes)
+    shapes = [BatchShape(*(int(cols[f][i]) for f in SAMPLE_FIELDS[1:])) for i in range(len(wall))]
+    shift = np.zeros(len(wall))
+    out = dict(cols)
+    for _ in range(rounds):
+        out["wall_s"] = (wall - shift).tolist()
+        fits, _ = fit_step_tables(profile, out)
+        model = CalibratedCostModel({**profile, "step_fits": fits})
+        res = wall - np.array([model.step_time(s).total for s in shapes])
+        for p in np.unique(orig):
+            groups = {int(k): (orig == p) & (src == k) for k in np.unique(src[orig == p])}
+            level = {k: float(np.median(res[g])) for k, g in groups.items()}
+            mid = float(np.median(list(level.values())))
+            for k, g in groups.items():
+                shift[g] = level[k] - mid
+    out["wall_s"] = (wall - shift).tolist()
+    offsets = {int(p): [round(float(shift[(orig == p) & (src == k)][0]) * 1e6, 1) if np.any((orig == p) & (src == k))
+                        else 0.0 for k in range(int(src.max()) + 1)] for p in np.unique(orig)}
+    return out, offsets
 
 
 def device_only_model(profile: dict[str, Any]) -> Any:

@@ -1,19 +1,19 @@
 #!/bin/bash
 # Device run (1 x H200), in ONE call: the executor's engine-vs-HF and LLM tests on the GPU,
-# the random Qwen3-0.6B in /dev/shm, a fresh profile
+# the random Qwen3-0.6B in /dev/shm, fresh profiles in PROFILES (default 3) processes, pooled
 # (experiments/profile.py: interleaved eager rounds, every step kept under "samples", clocks
 # per round), then the eight single-GPU validation cases right after it on the same GPU.
 # GPU clocks (nvidia-smi, 1 s) and CPU MHz / load (1 s) are logged over the whole call, so a
 # slow period in the profile or in a run can be told apart from model error.
-# Estimated: tests ~70 s, model ~20 s, profile ~90 s (49 s before the rounds + ~4 s, the step sweep ~30 s,
-# + imports), real ~180 s
-# (162.5 s in session 3), tar ~2 s => ~6 min; each part has its own limit, all end by ~570 s.
+# Estimated: tests ~70 s, model ~20 s, each profile ~75 s (the step sweep ~30 s of it), real ~165 s,
+# tar ~2 s => ~8 min with three profiles; each part has its own limit, all end by ~570 s.
 # Back under $OUT (5 files, well under the tool's 8): summary.log (all this prints), profile.log,
 # real.log, the profile JSON, and validate.tar.gz (run dirs, profile, all logs, monitors).
 # Run: bash experiments/device/validate.sh   (carry .valtraces; optional NAME=<profile stem>)
 . "$(dirname "$0")/common.sh"
 export SERVELAB_TRACES=$PWD/.valtraces
 NAME=${NAME:-qwen3_0_6b_h200_v2_rounds}
+PROFILES=${PROFILES:-3}
 MODEL=/dev/shm/q06
 W=$(mktemp -d /tmp/val.XXXX)
 PROFILE=$W/$NAME.json
@@ -55,12 +55,29 @@ if (( rc != 0 )); then  # a crash hides which call failed: rerun the GPU-pool te
   grep -E "Error|error|assert|model_runner|kv_cache|block_pool|\.py:[0-9]+" "$W/pytest_gpu_blocking.log" | grep -v "^  File \"/usr\|site-packages" | head -30
 fi
 
-timeout 210 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$PROFILE" \
-  --num-gpu-blocks 32768 > "$W/profile.log" 2>&1
-done_part profile $?
+# PROFILES processes (default 3), each a whole profile; their step sweeps are then pooled into
+# $PROFILE (profile --pool-sweeps: each pass levelled to the median process's run of it), while
+# ~290 s are left (a profile ~75 s, the real phase ~165 s).
+parts=()
+for k in $(seq 1 "$PROFILES"); do
+  if (( k > 1 && BUDGET - $(elapsed) < 290 )); then echo "== skipped profile $k: $(( BUDGET - $(elapsed) )) s left"; break; fi
+  timeout 210 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$W/${NAME}_p$k.json" \
+    --num-gpu-blocks 32768 > "$W/profile_p$k.log" 2>&1
+  done_part "profile $k" $?
+  [[ -f $W/${NAME}_p$k.json ]] && parts+=("$W/${NAME}_p$k.json")
+  grep -E "^  round|switch penalties|mixed eager steps:|mixed graph steps|graph decode|sweep pass|step fit|FAILED|profile done" \
+    "$W/profile_p$k.log" | cut -c1-400 | { (( k == 1 )) && cat || grep -E "step fit|profile done|FAILED"; }
+done
+if (( ${#parts[@]} > 1 )); then
+  python3 -m experiments.profile --pool-sweeps "${parts[@]}" --out "$PROFILE" > "$W/profile.log" 2>&1
+  done_part "pool ${#parts[@]} sweeps" $?
+  grep -E "pooled|step fit" "$W/profile.log" | cut -c1-400
+elif (( ${#parts[@]} == 1 )); then
+  cp "${parts[0]}" "$PROFILE"; cp "$W/profile_p1.log" "$W/profile.log"
+fi
+cat "$W"/profile_p*.log >> "$W/profile.log"
 cp "$W/profile.log" "$OUT/"
 cp "$PROFILE" "$OUT/" 2>/dev/null
-grep -E "^  round|switch penalties|mixed eager steps:|mixed graph steps|graph decode|sweep pass|step fit|FAILED|profile done" "$W/profile.log" | cut -c1-400
 
 left=$(( BUDGET - $(elapsed) ))
 if (( left > 60 )); then

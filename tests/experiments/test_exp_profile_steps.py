@@ -125,36 +125,50 @@ def test_samples_round_trip_and_sizes_without_points_keep_the_old_terms() -> Non
     assert new == old
 
 
-def test_pooled_sweeps_fit_as_one_sweep_and_refuse_another_machine() -> None:
-    """``profile.pool_sweeps``: the step fits of several profiling processes' sweeps are the fit of
-    their concatenation (passes kept apart: a sweep's first step follows nothing of another's),
-    the op tables stay the first profile's, and profiles of another model or executor are refused."""
+def test_pooled_sweeps_are_levelled_to_the_median_process_and_refuse_another_machine() -> None:
+    """``profile.pool_sweeps``: three processes' sweeps, one of them run slow throughout (+150 us a
+    step, a 'slow period', over 2 % noise), fit as the two clean sweeps would: each (pass, process) group is brought to
+    the median process's level. A plain concatenation carries a third of the slowdown. Op tables
+    stay the first profile's; profiles of another model or executor are refused."""
     from experiments.profile import pool_sweeps
 
     rng = np.random.default_rng(3)
-    halves = []
-    for _ in range(2):
+    sweeps = []
+    for _ in range(3):
         p = _profile()
-        cols = _synthetic_columns(p, rng, noise=0.01)
-        p["samples"] = {"step_sweep": samples_columns(cols)}
-        halves.append(p)
-    first, second = json.loads(json.dumps(halves[0])), json.loads(json.dumps(halves[1]))
-    joined = columns_from_samples(first["samples"]["step_sweep"])
-    more = columns_from_samples(second["samples"]["step_sweep"])
-    for k in joined:
-        joined[k] += [v + 1 for v in more[k]] if k == "pass_" else more[k]
-    expected, _ = fit_step_tables(first, joined)
-    pooled = pool_sweeps(first, [second], log=lambda s: None)
-    assert pooled["step_fits"] == expected
-    assert pooled["attn_decode"] == halves[0]["attn_decode"]
-    assert len(pooled["samples"]["step_sweep"]["pass_"]) == len(joined["pass_"])
-    alone, _ = fit_step_tables(halves[0], columns_from_samples(halves[0]["samples"]["step_sweep"]))
-    assert pooled["step_fits"] != alone
-    other = json.loads(json.dumps(halves[1]))
+        p["samples"] = {"step_sweep": samples_columns(_synthetic_columns(p, rng, noise=0.02))}
+        sweeps.append(p)
+    slow = json.loads(json.dumps(sweeps[2]))
+    slow["samples"]["step_sweep"]["wall_us"] = [w + 150.0 for w in slow["samples"]["step_sweep"]["wall_us"]]
+    pooled = pool_sweeps(json.loads(json.dumps(sweeps[0])), [json.loads(json.dumps(sweeps[1])), slow],
+                         log=lambda s: None)
+    assert pooled["attn_decode"] == sweeps[0]["attn_decode"]
+    offsets = pooled["meta"]["pooled_sweeps"]["pass_offsets_us"]["0"]
+    assert offsets[2] - max(offsets[:2]) == pytest.approx(150.0, abs=20.0)
+    concat = {k: [] for k in columns_from_samples(sweeps[0]["samples"]["step_sweep"])}
+    for i, sw in enumerate((sweeps[0], sweeps[1], slow)):
+        for k, v in columns_from_samples(sw["samples"]["step_sweep"]).items():
+            concat[k] += [x + i for x in v] if k == "pass_" else v
+    naive = CalibratedCostModel({**sweeps[0], "step_fits": fit_step_tables(sweeps[0], concat)[0]})
+    model = CalibratedCostModel(pooled)
+    clean = {k: [] for k in concat}
+    for i, sw in enumerate(sweeps[:2]):
+        for k, v in columns_from_samples(sw["samples"]["step_sweep"]).items():
+            clean[k] += [x + i for x in v] if k == "pass_" else v
+    truth = CalibratedCostModel({**sweeps[0], "step_fits": fit_step_tables(sweeps[0], clean)[0]})
+    cols = columns_from_samples(sweeps[0]["samples"]["step_sweep"])
+    shapes = [BatchShape(*(int(cols[f][i]) for f in SAMPLE_FIELDS[1:])) for i in range(0, len(cols["wall_s"]), 3)]
+
+    def mean_gap_us(m: CalibratedCostModel) -> float:
+        return float(np.mean([m.step_time(x).total - truth.step_time(x).total for x in shapes])) * 1e6
+
+    assert abs(mean_gap_us(model)) < 10.0  # the clean level (0 +- the fit's noise)
+    assert mean_gap_us(naive) > 30.0  # a plain concatenation carries ~50 us of the slow process
+    other = json.loads(json.dumps(sweeps[1]))
     other["model"] = "Llama-3.1-8B"
     with pytest.raises(ValueError, match="model"):
-        pool_sweeps(json.loads(json.dumps(halves[0])), [other])
-    other = json.loads(json.dumps(halves[1]))
+        pool_sweeps(json.loads(json.dumps(sweeps[0])), [other])
+    other = json.loads(json.dumps(sweeps[1]))
     other["overhead"]["mixed_graph_sizes"] = [16, 32]
     with pytest.raises(ValueError, match="mixed_graph_sizes"):
-        pool_sweeps(json.loads(json.dumps(halves[0])), [other])
+        pool_sweeps(json.loads(json.dumps(sweeps[0])), [other])
