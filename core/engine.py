@@ -6,9 +6,9 @@ passes ``env.now``, the real driver the wall clock since the run started.
 """
 from __future__ import annotations
 
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class EngineCore:
         self.steps: list[StepStats] = []
         self._breakdown: dict[str, float] = {}
         self._pending_ops: tuple[str, ...] = ()  # the ops of the queued splits, in their order
-        self._pending_times = array("d")  # queued splits' values: one row of len(_pending_ops) per step
+        self._pending_rows: list[tuple[float, ...]] = []  # queued splits' values, one tuple per step
 
     @property
     def breakdown(self) -> dict[str, float]:
@@ -50,32 +50,36 @@ class EngineCore:
 
         Steps only queue their split's values (see ``_add_breakdown``); they are summed here,
         in step order, by one numpy accumulate down each op's column: the same floats as
-        adding each split into the totals at its step, without a Python dict walk per step.
+        adding each split into the totals at its step, without walking every queued dict once
+        per op (scattered in memory, those walks were mostly cache misses).
         """
         self._sum_pending()
         return self._breakdown
 
     def _sum_pending(self) -> None:
-        times = self._pending_times
-        if not times:
+        rows = self._pending_rows
+        if not rows:
             return
         ops = self._pending_ops
         bd = self._breakdown
-        start = np.array([[bd.get(op, 0.0) for op in ops]])
-        rows = np.concatenate((start, np.frombuffer(times, dtype=np.float64).reshape(-1, len(ops))))
-        self._pending_times = array("d")
-        bd.update(zip(ops, np.add.accumulate(rows, axis=0)[-1].tolist()))
+        start = [bd.get(op, 0.0) for op in ops]
+        table = np.fromiter(chain(start, chain.from_iterable(rows)), np.float64,
+                            len(ops) * (len(rows) + 1)).reshape(-1, len(ops))
+        self._pending_rows = []
+        bd.update(zip(ops, np.add.accumulate(table, axis=0)[-1].tolist()))
 
     def _add_breakdown(self, split: dict[str, float]) -> None:
-        """Queue a step's split: its values, flat, while the ops (and their order) stay those
-        of the queued ones; else the queued ones are summed first."""
+        """Queue a step's split as a tuple of its values, while the ops (and their order) stay
+        those of the queued ones; else the queued ones are summed first."""
+        if not split:
+            return
         ops = tuple(split)
         if ops != self._pending_ops:
             self._sum_pending()
             self._pending_ops = ops
-        times = self._pending_times
-        times.extend(split.values())
-        if len(times) >= 1 << 18:  # bounded memory
+        rows = self._pending_rows
+        rows.append(tuple(split.values()))
+        if len(rows) >= 1 << 16:  # bounded memory
             self._sum_pending()
 
     def use_lazy_decode(self, default_token_id: int, through_finishes: bool = False) -> None:

@@ -29,7 +29,6 @@ replace) and each finished request leaves at its step, as in the plain scheduler
 from __future__ import annotations
 
 import bisect
-import heapq
 from array import array
 from collections.abc import Iterator
 from functools import partial
@@ -74,8 +73,10 @@ class LazyDecodeScheduler(Scheduler):
         self._defer = cache_config.enable_prefix_caching and cache_config.block_size > 1
         self.through_finishes = through_finishes
         self._finish_at: dict[int, list[Request]] = {}
-        self._finish_steps: list[int] = []  # heap of keys of _finish_at (stale keys popped lazily)
-        self._offsets: list[tuple[int, int, Request]] = []  # heap of (-(c0 - p), seq, req), stale entries skipped
+        # Sorted (not heaps: decode_segments walks them in order): the keys of _finish_at (stale
+        # keys dropped lazily), and (-(c0 - p), seq, req) of parked requests (stale entries skipped).
+        self._finish_steps: list[int] = []
+        self._offsets: list[tuple[int, int, Request]] = []
         self._offset_sum = 0  # sum of (c0 - p) over parked requests
         self._active: list[Request] = []  # running requests that are not parked, in running order
         self._seq: dict[Request, int] = {}  # running order: a number given at each admission
@@ -122,7 +123,7 @@ class LazyDecodeScheduler(Scheduler):
         ran, so it started its chain first).
         """
         if self._apply_deferred(request, end) and end:  # it stays parked, registering at its edges
-            bisect.insort(self._reg_phases[self._parked[request].phase], request, key=self._seq.__getitem__)
+            self._insort(self._reg_phases[self._parked[request].phase], request)
 
     def _apply_deferred(self, request: Request, end: bool) -> bool:
         """``_catch_up``'s registrations (and with ``end`` no more deferring); False if none are deferred."""
@@ -178,20 +179,28 @@ class LazyDecodeScheduler(Scheduler):
         st = _Parked(p, c0, n0, p + last, (c0 - p) % kv.block_size, kv.req_to_block_ids[rid], default_from)
         self._parked[request] = st
         seq = self._seq[request]
-        bisect.insort(self._phases[st.phase], request, key=self._seq.__getitem__)
+        self._insort(self._phases[st.phase], request)
         run = kv.req_to_run.get(rid)
         if self._defer and run is not None and not run.eager:
             run.catch_up = partial(self._catch_up, request)
         else:
-            bisect.insort(self._reg_phases[st.phase], request, key=self._seq.__getitem__)
+            self._insort(self._reg_phases[st.phase], request)
         finish_list = self._finish_at.get(st.finish)
         if finish_list is None:
             self._finish_at[st.finish] = [request]
-            heapq.heappush(self._finish_steps, st.finish)
+            bisect.insort(self._finish_steps, st.finish)
         else:
             finish_list.append(request)
         self._offset_sum += c0 - p
-        heapq.heappush(self._offsets, (p - c0, seq, request))
+        bisect.insort(self._offsets, (p - c0, seq, request))
+
+    def _insort(self, bucket: list[Request], request: Request) -> None:
+        """Insert into a phase bucket in running order (usually at its end: the newest admission)."""
+        seq = self._seq
+        if not bucket or seq[bucket[-1]] < seq[request]:
+            bucket.append(request)
+        else:
+            bisect.insort(bucket, request, key=seq.__getitem__)
 
     def _unpark(self, request: Request, last_step: int) -> _Parked:
         """Take one request out of the lazy state (its finish entry is the caller's), written back."""
@@ -234,14 +243,14 @@ class LazyDecodeScheduler(Scheduler):
         self._next_seq = n
 
     def _longest_offset(self) -> int:
-        heap = self._offsets
+        offsets = self._offsets
         parked = self._parked
-        while heap:
-            neg, _, r = heap[0]
+        while offsets:
+            neg, _, r = offsets[0]
             st = parked.get(r)
             if st is not None and st.p - st.c0 == neg:
                 return -neg
-            heapq.heappop(heap)
+            del offsets[0]
         return 0
 
     def decode_shape(self) -> tuple[int, int, int]:
@@ -522,12 +531,12 @@ class LazyDecodeScheduler(Scheduler):
     def _next_finish(self) -> int:
         steps = self._finish_steps
         while steps[0] not in self._finish_at:
-            heapq.heappop(steps)
+            del steps[0]
         return steps[0]
 
-    def _take_all_blocks(self, s0: int, k: int) -> list[int] | None:
-        """The edges of steps ``s0+1..s0+k`` in one go, if they only take blocks: the step of
-        each block taken, in order; else None (nothing done).
+    def _take_all_blocks(self, s0: int, k: int) -> dict[int, int] | None:
+        """The edges of steps ``s0+1..s0+k`` in one go, if they only take blocks: for each
+        finish step of the run, how many of the blocks come after it; else None (nothing done).
 
         Taking blocks in step order and running order from the LRU head is one
         ``get_new_blocks`` of them all. Only a registration that touches the index (an eager
@@ -543,8 +552,9 @@ class LazyDecodeScheduler(Scheduler):
             return None
         parked = self._parked
         phases = self._phases
+        finish_at = self._finish_at
         tables: list[list[int]] = []  # one entry per block to take, in order
-        steps: list[int] = []
+        through: dict[int, int] = {}  # finish step -> blocks taken up to it
         for s in range(s0 + 1, s0 + k + 1):
             for r in phases[-s % bs]:
                 st = parked[r]
@@ -552,13 +562,15 @@ class LazyDecodeScheduler(Scheduler):
                 # appended yet) never changes whether this one is needed.
                 if st.c0 + s - st.p >= len(st.block_ids) * bs and s <= st.finish:
                     tables.append(st.block_ids)
-                    steps.append(s)
-        if len(tables) > kv.num_free_blocks:
+            if s in finish_at:
+                through[s] = len(tables)
+        n = len(tables)
+        if n > kv.num_free_blocks:
             return None
         if tables:
-            for table, block in zip(tables, kv.block_pool.get_new_blocks(len(tables))):
+            for table, block in zip(tables, kv.block_pool.get_new_blocks(n)):
                 table.append(block)
-        return steps
+        return {f: n - t for f, t in through.items()}
 
     def _takes_within(self, k: int) -> int:
         """Blocks the parked requests may take in the next ``k`` steps (an upper bound)."""
@@ -595,11 +607,10 @@ class LazyDecodeScheduler(Scheduler):
         start = s0  # the current stretch with one batch begins after this step
         f = self._next_finish()
         takes = self._take_all_blocks(s0, k)
-        if takes is not None:  # the stretches' blocks are taken: KV usage after a finish counts later takes as free
+        if takes is not None:  # all blocks are taken: KV usage after a finish counts the later takes as free
             while f <= last:
                 done = self._finish_step(f, step_end_times[f - s0 - 1], finished)
-                later = len(takes) - bisect.bisect_right(takes, f)
-                segments.append((f - start, batch, kv.usage(kv.num_free_blocks + later)))
+                segments.append((f - start, batch, kv.usage(kv.num_free_blocks + takes[f])))
                 batch -= done
                 start = f
                 f = self._next_finish() if self._parked else last + 1
@@ -655,38 +666,24 @@ class LazyDecodeScheduler(Scheduler):
         parked = self._parked
         finish_at = self._finish_at
         offset_sum = self._offset_sum
-        offsets = _ascending(self._offsets)
-        top = next(offsets)  # live (decode_shape just dropped stale tops): the longest context
-        for g in _ascending(self._finish_steps):
+        offsets = self._offsets
+        top = 0  # offsets[0] is live (decode_shape dropped stale ones): the longest context
+        for g in self._finish_steps:
             if g <= f or g not in finish_at:
                 continue  # f itself, a stale or repeated key
             for r in finish_at[f]:  # the batch after step f
                 offset_sum -= parked[r].c0 - parked[r].p
             n -= len(finish_at[f])
             while True:  # the longest context among those left
-                st = parked.get(top[2])
-                if st is not None and st.p - st.c0 == top[0] and st.finish > f:
+                neg, _, r = offsets[top]
+                st = parked.get(r)
+                if st is not None and st.p - st.c0 == neg and st.finish > f:
                     break
-                top = next(offsets)
+                top += 1
             k = g - f
             free -= n * -(-k // bs)
             if free < 0:
                 return
-            yield k, n, offset_sum + n * (f + 1) + n, f + 2 - top[0]
+            yield k, n, offset_sum + n * (f + 1) + n, f + 2 - neg
             f = g
 
-
-def _ascending(heap: list) -> Iterator:
-    """The items of a heap list in ascending order, without changing it (a best-first walk)."""
-    if not heap:
-        return
-    n = len(heap)
-    frontier = [(heap[0], 0)]
-    while frontier:
-        item, i = heapq.heappop(frontier)
-        yield item
-        child = 2 * i + 1
-        if child < n:
-            heapq.heappush(frontier, (heap[child], child))
-            if child + 1 < n:
-                heapq.heappush(frontier, (heap[child + 1], child + 1))

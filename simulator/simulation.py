@@ -94,7 +94,7 @@ class Replica:
         """Per-op splits of the planned run's first ``len(durations)`` steps, one per segment:
         its middle step's split, scaled to the segment's exact total (only the plot of where
         time goes reads it; timings are exact)."""
-        timing = self.backend.cost_model.decode_step_timing
+        split = self.backend.cost_model.decode_step_split
         segments = self._ff_segments
         k = len(durations)
         splits = []
@@ -103,9 +103,7 @@ class Replica:
                 break
             stop = min(segments[i + 1][0], k) if i + 1 < len(segments) else k
             j = (stop - first) // 2
-            mid = timing(batch, ctx + j * batch, longest + j)
-            scale = sum(durations[first:stop]) / mid.total if mid.total > 0 else 0.0
-            splits.append({op: t * scale for op, t in mid.breakdown.items()})
+            splits.append(split(batch, ctx + j * batch, longest + j, sum(durations[first:stop])))
         return splits
 
     def _run(self):

@@ -140,6 +140,15 @@ class CostModel(ABC):
         answer it faster (the simulator asks once per fast-forward run) but must agree exactly."""
         return self.step_time(BatchShape.decode(batch_size, sum_context, max_context))
 
+    def decode_step_split(self, batch_size: int, sum_context: int, max_context: int | None,
+                          total: float) -> dict[str, float]:
+        """``decode_step_timing``'s split scaled to ``total`` seconds (the simulator's per-op
+        split of a fast-forwarded stretch: its middle step's, scaled to its exact time); a
+        subclass may answer it faster but must agree exactly."""
+        mid = self.decode_step_timing(batch_size, sum_context, max_context)
+        scale = total / mid.total if mid.total > 0 else 0.0
+        return {op: t * scale for op, t in mid.breakdown.items()}
+
     def decode_step_times_list(self, batch_size: int, sum_context: int, k: int,
                                max_context: int | None = None) -> list[float]:
         """``decode_step_times(...).tolist()``; a subclass may build the list directly."""

@@ -62,8 +62,8 @@ class RooflineCostModel(CostModel):
             raise ValueError(f"cpu_overhead must be >= 0 seconds, got {cpu_overhead!r}")
         self.model, self.hardware, self.parallel = model, hardware, parallel
         self.cpu_overhead = cpu_overhead
-        # batch size -> (cpu_overhead, step_time breakdown of a decode step, microbatches, stages)
-        self._decode_memo: dict[int, tuple[float, dict[str, float], int, int]] = {}
+        # batch size -> (cpu_overhead, then what _decode_base returns)
+        self._decode_memo: dict[int, tuple[float, dict[str, float], int, int, float, tuple[float, ...]]] = {}
         self._tp, self._pp, self._m = parallel.tp, parallel.pp, parallel.num_microbatches
 
         flops = hardware.achievable_flops(fp8=model.quantization == "fp8")
@@ -174,21 +174,51 @@ class RooflineCostModel(CostModel):
         }
         return StepTiming(sum(breakdown.values()), breakdown)
 
+    def _decode_base(self, batch_size: int) -> tuple[dict[str, float], int, int, float, tuple[float, ...]]:
+        """Per batch size: ``step_time``'s split of a decode step with no context (every op but
+        decode attention is exact), micro-batches, pipeline slots, and the split's running sum
+        up to decode attention and the values after it (``sum`` of the split, re-associated
+        nowhere: the same float additions in the same order)."""
+        memo = self._decode_memo.get(batch_size)
+        if memo is None or memo[0] != self.cpu_overhead:
+            m = self._microbatches(batch_size)
+            base = self.step_time(BatchShape.decode(batch_size, 0)).breakdown
+            ops = list(base)
+            at = ops.index("attn_decode")
+            head = sum(base[op] for op in ops[:at])
+            memo = (self.cpu_overhead, base, m, self._pp + m - 1, head, tuple(base[op] for op in ops[at + 1:]))
+            self._decode_memo[batch_size] = memo
+        return memo[1:]
+
+    def _decode_total(self, batch_size: int, sum_context: int) -> tuple[float, float]:
+        """(total, decode attention) of a decode step: ``decode_step_timing(...).total`` exactly."""
+        _, m, c, head, tail = self._decode_base(batch_size)
+        attn = c * self._attn_decode(batch_size / m, sum_context / m, max)
+        total = head + attn
+        for t in tail:
+            total += t
+        return total, attn
+
     def decode_step_timing(self, batch_size: int, sum_context: int, max_context: int | None = None) -> StepTiming:
         """``step_time`` of a pure-decode step, from a per-batch-size memo of every op but decode
         attention (the only one that depends on the context): the same floats, summed the same way."""
         if not batch_size:
             return self.step_time(BatchShape.decode(batch_size, sum_context, max_context))
-        memo = self._decode_memo.get(batch_size)
-        if memo is None or memo[0] != self.cpu_overhead:
-            m = self._microbatches(batch_size)
-            base = self.step_time(BatchShape.decode(batch_size, 0))
-            memo = (self.cpu_overhead, base.breakdown, m, self._pp + m - 1)
-            self._decode_memo[batch_size] = memo
-        _, base, m, c = memo
+        base, m, c, _, _ = self._decode_base(batch_size)
         breakdown = base.copy()  # same keys in the same order as step_time's
         breakdown["attn_decode"] = c * self._attn_decode(batch_size / m, sum_context / m, max)
         return StepTiming(sum(breakdown.values()), breakdown)
+
+    def decode_step_split(self, batch_size: int, sum_context: int, max_context: int | None,
+                          total: float) -> dict[str, float]:
+        """The base class's scaled split from the memo, without building the step's timing first."""
+        if not batch_size:
+            return super().decode_step_split(batch_size, sum_context, max_context, total)
+        mid, attn = self._decode_total(batch_size, sum_context)
+        scale = total / mid if mid > 0 else 0.0
+        split = {op: t * scale for op, t in self._decode_base(batch_size)[0].items()}
+        split["attn_decode"] = attn * scale
+        return split
 
     def _short_run(self, first: float, batch_size: int, sum_context: int, k: int, m: int, stages: int) -> list[float]:
         b = batch_size / m
@@ -200,9 +230,8 @@ class RooflineCostModel(CostModel):
                                max_context: int | None = None) -> list[float]:
         """``decode_step_times(...).tolist()``, with no array for a short run (the same floats)."""
         if batch_size and 0 < k <= _SHORT_RUN:
-            m = self._microbatches(batch_size)
-            first = self.decode_step_timing(batch_size, sum_context).total
-            return self._short_run(first, batch_size, sum_context, k, m, self._pp + m - 1)
+            _, m, c, _, _ = self._decode_base(batch_size)
+            return self._short_run(self._decode_total(batch_size, sum_context)[0], batch_size, sum_context, k, m, c)
         return self.decode_step_times(batch_size, sum_context, k, max_context).tolist()
 
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,

@@ -12,6 +12,7 @@ from simulator.cost_model import (
     OPS,
     BatchShape,
     CalibratedCostModel,
+    CostModel,
     ParallelConfig,
     PiecewiseLinear,
     RooflineCostModel,
@@ -233,6 +234,18 @@ def test_decode_step_times_list_equals_the_array(name: str, par: dict) -> None:
         for k in [0, 1, 2, 31, 32, 33, 300]:
             fast = cm.decode_step_times_list(batch_size, sum_context, k)
             assert type(fast) is list and fast == cm.decode_step_times(batch_size, sum_context, k).tolist()
+
+
+@pytest.mark.parametrize("name, par", ROOFLINE_CONFIGS)
+def test_decode_step_split_equals_the_scaled_timing(name: str, par: dict) -> None:
+    """The roofline's memo-based split of a fast-forwarded stretch gives the base class's floats
+    (decode_step_timing's split scaled to the total) bit for bit, keys in order."""
+    cm = RooflineCostModel(get_model(name), H100, ParallelConfig(**par))
+    for batch_size, sum_context, total in [(0, 0, 0.5), (1, 17, 0.02), (7, 7 * 3000, 1.25), (256, 256 * 100, 3e-3)]:
+        for _ in range(2):  # a cold then a warm memo
+            fast = cm.decode_step_split(batch_size, sum_context, None, total)
+            slow = CostModel.decode_step_split(cm, batch_size, sum_context, None, total)
+            assert list(fast.items()) == list(slow.items())
 
 
 # ---- Calibrated -------------------------------------------------------------------------
