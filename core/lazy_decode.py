@@ -74,7 +74,7 @@ class LazyDecodeScheduler(Scheduler):
         self.through_finishes = through_finishes
         self._finish_at: dict[int, list[Request]] = {}
         # Sorted (not heaps: decode_segments walks them in order): the keys of _finish_at (stale
-        # keys dropped lazily), and (-(c0 - p), seq, req) of parked requests (stale entries skipped).
+        # keys dropped lazily), and (-(c0 - p), seq, req) of the parked requests.
         self._finish_steps: list[int] = []
         self._offsets: list[tuple[int, int, Request]] = []
         self._offset_sum = 0  # sum of (c0 - p) over parked requests
@@ -209,6 +209,8 @@ class LazyDecodeScheduler(Scheduler):
         st = self._parked.pop(request)
         self._phases[st.phase].remove(request)
         self._offset_sum -= st.c0 - st.p
+        offsets = self._offsets
+        del offsets[bisect.bisect_left(offsets, (st.p - st.c0, self._seq[request], request))]
         self._write_back(request, st, last_step)
         return st
 
@@ -243,15 +245,7 @@ class LazyDecodeScheduler(Scheduler):
         self._next_seq = n
 
     def _longest_offset(self) -> int:
-        offsets = self._offsets
-        parked = self._parked
-        while offsets:
-            neg, _, r = offsets[0]
-            st = parked.get(r)
-            if st is not None and st.p - st.c0 == neg:
-                return -neg
-            del offsets[0]
-        return 0
+        return -self._offsets[0][0] if self._offsets else 0
 
     def decode_shape(self) -> tuple[int, int, int]:
         """(batch, sum of context lengths, longest context) of the next pure-decode step.
@@ -667,7 +661,7 @@ class LazyDecodeScheduler(Scheduler):
         finish_at = self._finish_at
         offset_sum = self._offset_sum
         offsets = self._offsets
-        top = 0  # offsets[0] is live (decode_shape dropped stale ones): the longest context
+        top = 0  # the longest context first
         for g in self._finish_steps:
             if g <= f or g not in finish_at:
                 continue  # f itself, a stale or repeated key
@@ -676,8 +670,7 @@ class LazyDecodeScheduler(Scheduler):
             n -= len(finish_at[f])
             while True:  # the longest context among those left
                 neg, _, r = offsets[top]
-                st = parked.get(r)
-                if st is not None and st.p - st.c0 == neg and st.finish > f:
+                if parked[r].finish > f:
                     break
                 top += 1
             k = g - f
