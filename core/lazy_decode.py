@@ -95,9 +95,11 @@ class LazyDecodeScheduler(Scheduler):
     def _oracle(self, request: Request, start: int, stop: int) -> list[int]:
         """Output ids ``start:stop`` of a request, as the simulator's backend samples them."""
         forced = request.forced_output_token_ids
-        toks = forced[start:stop] if forced else []
+        if not forced or len(forced) <= start:
+            return [self.default_token_id] * (stop - start)
+        toks = forced[start:stop]
         if len(toks) < stop - start:
-            toks = toks + [self.default_token_id] * (stop - start - len(toks))
+            toks += [self.default_token_id] * (stop - start - len(toks))
         return toks
 
     def _fill_tokens(self, request: Request, num_outputs: int) -> None:
@@ -151,7 +153,10 @@ class LazyDecodeScheduler(Scheduler):
         request.output_token_ids.extend(toks)
         known = len(request.all_token_ids) - len(request.prompt_token_ids)
         if known < n:
-            request.all_token_ids.extend(toks[known - st.n0:] if known >= st.n0 else self._oracle(request, known, n))
+            if known == st.n0:
+                request.all_token_ids.extend(toks)
+            else:
+                request.all_token_ids.extend(toks[known - st.n0:] if known > st.n0 else self._oracle(request, known, n))
         request.token_times.extend(self._ends[st.p:last_step + 1])
         if request.first_token_time is None:
             request.first_token_time = self._ends[st.p]
