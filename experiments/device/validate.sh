@@ -11,7 +11,7 @@
 # real.log, the profile JSON, and validate.tar.gz (run dirs, profile, all logs, monitors).
 # Run: bash experiments/device/validate.sh   (carry .valtraces; optional NAME=<profile stem>)
 . "$(dirname "$0")/common.sh"
-export SERVELAB_TRACES=$PWD/.valtraces
+export SERVELAB_TRACES=${SERVELAB_TRACES:-$PWD/.valtraces}
 NAME=${NAME:-qwen3_0_6b_h200_v2_rounds}
 PROFILES=${PROFILES:-3}
 MODEL=/dev/shm/q06
@@ -57,10 +57,10 @@ fi
 
 # PROFILES processes (default 3), each a whole profile; their step sweeps are then pooled into
 # $PROFILE (profile --pool-sweeps: each pass levelled to the median process's run of it), while
-# ~290 s are left (a profile ~75 s, the real phase ~165 s).
+# ~270 s are left (a profile ~75 s, the real phase ~165 s).
 parts=()
 for k in $(seq 1 "$PROFILES"); do
-  if (( k > 1 && BUDGET - $(elapsed) < 290 )); then echo "== skipped profile $k: $(( BUDGET - $(elapsed) )) s left"; break; fi
+  if (( k > 1 && BUDGET - $(elapsed) < 270 )); then echo "== skipped profile $k: $(( BUDGET - $(elapsed) )) s left"; break; fi
   timeout 210 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$W/${NAME}_p$k.json" \
     --num-gpu-blocks 32768 > "$W/profile_p$k.log" 2>&1
   done_part "profile $k" $?
