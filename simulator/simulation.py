@@ -24,6 +24,7 @@ import heapq
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable, Sequence
 
 import simpy
@@ -152,9 +153,10 @@ class Replica:
             segments.append((len(durations), batch, ctx, longest))
             times = decode_times(batch, ctx, k, longest)
             durations += times
-            for d in times:
-                t += d
-                ends.append(t)
+            sums = accumulate(times, initial=t)  # t + d, one step at a time: the same floats
+            next(sums)
+            ends += sums
+            t = ends[-1]
             if t >= arrival:
                 break
         return durations, ends

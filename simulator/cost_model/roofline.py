@@ -221,8 +221,12 @@ class RooflineCostModel(CostModel):
         return split
 
     def _short_run(self, first: float, batch_size: int, sum_context: int, k: int, m: int, stages: int) -> list[float]:
-        b = batch_size / m
-        attn = [stages * self._attn_decode(b, (sum_context + batch_size * float(j)) / m, max) for j in range(k)]
+        # _attn_decode inlined (one call per step was most of the cost): the same float operations
+        pair, per_ctx, per_req = self._attn_pair, self._attn_ctx, self._attn_tok * (batch_size / m)
+        attn = []
+        for j in range(k):
+            context = (sum_context + batch_size * float(j)) / m
+            attn.append(stages * max(pair * context, per_ctx * context + per_req))
         rest = first - attn[0]
         return [rest + a for a in attn]
 
