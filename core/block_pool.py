@@ -177,11 +177,6 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = np.zeros(num_blocks, dtype=np.int64)
-        # One int object per block id, shared by every block table: a table holds references,
-        # not fresh ints that each take and free would allocate and deallocate (~1M per 10k
-        # simulated requests, most freed long after, cold in cache).
-        self._id_list = list(range(num_blocks))
-        self._id_objects = np.array(self._id_list, dtype=object)
         self.block_hash = np.full(num_blocks, NO_HASH, dtype=np.int64)  # of blocks in the eager index's chains
         self.run_of = np.full(num_blocks, NOT_CACHED, dtype=np.int64)  # lazy run id, NOT_CACHED or IN_INDEX
         self.free_block_queue = FreeBlockQueue(num_blocks)
@@ -213,7 +208,7 @@ class BlockPool:
                 self._evict(ids[cached], state[cached])
             self.num_evictions += num_cached
         self.ref_cnt[ids] = 1
-        return self._id_objects[ids].tolist()
+        return ids.tolist()
 
     def _evict(self, blocks: np.ndarray, state: np.ndarray) -> None:
         """Forget the content of cached ``blocks`` (``state``: their ``run_of``): lazy runs lose
@@ -239,7 +234,7 @@ class BlockPool:
         queue = self.free_block_queue
         if not queue.num_free_blocks:
             raise RuntimeError("cannot get a block: none free")
-        block = self._id_list[queue.popleft()]
+        block = queue.popleft()
         state = self.run_of.item(block)
         if state != NOT_CACHED:
             self.run_of[block] = NOT_CACHED
