@@ -79,7 +79,7 @@ class EngineCore:
             self._pending_ops = ops
         rows = self._pending_rows
         rows.append(tuple(split.values()))
-        if len(rows) >= 1 << 16:  # bounded memory
+        if len(rows) >= 1024:  # summed while still in cache (and bounded memory)
             self._sum_pending()
 
     def use_lazy_decode(self, default_token_id: int, through_finishes: bool = False) -> None:
