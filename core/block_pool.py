@@ -194,6 +194,11 @@ class BlockPool:
     # --- allocation --------------------------------------------------------------------
     def get_new_blocks(self, n: int) -> list[int]:
         """Take ``n`` blocks from the LRU head, evicting their cached content."""
+        return self.get_new_block_ids(n).tolist()
+
+    def get_new_block_ids(self, n: int) -> np.ndarray:
+        """``get_new_blocks`` as an int64 array (a caller that registers them next passes it to
+        ``cache_blocks`` rather than converting the list back)."""
         queue = self.free_block_queue
         if n > queue.num_free_blocks:
             raise RuntimeError(f"cannot get {n} blocks: only {queue.num_free_blocks} free")
@@ -208,7 +213,7 @@ class BlockPool:
                 self._evict(ids[cached], state[cached])
             self.num_evictions += num_cached
         self.ref_cnt[ids] = 1
-        return ids.tolist()
+        return ids
 
     def _evict(self, blocks: np.ndarray, state: np.ndarray) -> None:
         """Forget the content of cached ``blocks`` (``state``: their ``run_of``): lazy runs lose
@@ -266,16 +271,22 @@ class BlockPool:
             self._runs[run.run_id] = run
         return run
 
-    def cache_blocks(self, run: ChainRun, start: int, stop: int) -> None:
+    def cache_blocks(self, run: ChainRun, start: int, stop: int,
+                     new_ids: tuple[int, np.ndarray] | None = None) -> None:
         """Register positions ``[start, stop)`` of ``run`` (first writer wins on duplicates).
 
-        A block keeps the hash it was first registered with until it is evicted.
+        A block keeps the hash it was first registered with until it is evicted. ``new_ids``:
+        ``(position, ids)`` when the blocks from that position on are ``ids`` (an array just
+        taken by ``get_new_block_ids``), which a lazy run then marks without a conversion.
         """
         run.num_blocks = stop
         if not run.eager:
-            # fromiter with the count: a list of ints converts ~30% faster than as an index
-            blocks = run.blocks[start:stop]
-            self.run_of[np.fromiter(blocks, np.int64, len(blocks))] = run.run_id
+            if new_ids is not None and start >= new_ids[0]:
+                idx = new_ids[1][start - new_ids[0]:stop - new_ids[0]]
+            else:  # fromiter with the count: a list of ints converts ~30% faster than as an index
+                blocks = run.blocks[start:stop]
+                idx = np.fromiter(blocks, np.int64, len(blocks))
+            self.run_of[idx] = run.run_id
             return
         blocks = run.blocks[start:stop]
         hashes = run.hashes_upto(stop)[start:stop]

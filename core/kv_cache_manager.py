@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
+
 from core.block_pool import BlockPool, ChainRun, HostBlockPool
 from core.request import Request
 
@@ -155,10 +157,12 @@ class KVCacheManager:
         if computed:
             pool.touch(computed)
             blocks.extend(computed)
+        new_ids = None
         if num_new_blocks > 0:
-            blocks.extend(pool.get_new_blocks(num_new_blocks))
+            new_ids = (len(blocks), pool.get_new_block_ids(num_new_blocks))
+            blocks.extend(new_ids[1].tolist())
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens, new_ids=new_ids)
         return blocks
 
     def append_decode_slot(self, request: Request) -> bool:
@@ -179,7 +183,8 @@ class KVCacheManager:
         return True
 
     def _cache_full_blocks(self, request: Request, blocks: list[int], num_tokens: int,
-                           tokens_known: bool = False) -> None:
+                           tokens_known: bool = False, new_ids: tuple[int, np.ndarray] | None = None) -> None:
+        """Register the full blocks not registered yet; ``new_ids``: see ``BlockPool.cache_blocks``."""
         rid = request.request_id
         if not tokens_known:
             num_tokens = min(num_tokens, request.num_tokens - request.num_pending_tokens)
@@ -195,7 +200,7 @@ class KVCacheManager:
         if num_full - start == 1:
             pool.cache_block(run, start)
         else:
-            pool.cache_blocks(run, start, num_full)
+            pool.cache_blocks(run, start, num_full, new_ids)
         self.num_cached_blocks[rid] = num_full
 
     def cache_blocks(self, request: Request, num_tokens: int, tokens_known: bool = False) -> None:
