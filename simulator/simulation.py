@@ -34,7 +34,6 @@ from core.engine import EngineCore
 from core.request import Request
 from core.router import make_router
 from core.stats import StepStats
-from simulator.cost_model.base import BatchShape
 from simulator.sim_backend import SIM_TOKEN_ID, SimBackend
 
 
