@@ -1384,33 +1384,61 @@ def refit_steps(profile: dict[str, Any], log: Callable[[str], None] = print) -> 
     return profile
 
 
+# Sections of device timings that pooled profiles share as the median of their processes.
+TABLE_SECTIONS = ("per_token_ops", "lm_head", "sampling", "attn_prefill", "attn_decode", "attn_decode_eager",
+                  "attn_decode_mixed", "eager_floor", "overhead")
+
+
+def _median_section(name: str, mine: dict[str, Any], theirs: list[dict[str, Any]]) -> None:
+    """``mine`` (edited in place): every timing (a ``seconds`` list, an op's list in
+    ``per_token_ops``, an ``overhead`` ``*_s`` scalar) becomes the median over ``mine`` and
+    ``theirs``; every other list (a grid) must be the same in all of them."""
+    for key, val in mine.items():
+        other = [t.get(key) for t in theirs]
+        if isinstance(val, dict):
+            if any(not isinstance(o, dict) for o in other):
+                raise ValueError(f"cannot pool: {name}.{key} is missing from a profile")
+            _median_section(f"{name}.{key}", val, other)
+        elif key == "seconds" or (name == "per_token_ops" and key != "num_tokens") or (
+                name == "overhead" and key.endswith("_s") and isinstance(val, float)):
+            if any(o is None or (isinstance(val, list) and len(o) != len(val)) for o in other):
+                raise ValueError(f"cannot pool: {name}.{key} has another length or is missing in a profile")
+            mine[key] = (np.median(np.array([val, *other], dtype=float), axis=0).tolist() if isinstance(val, list)
+                         else float(np.median([val, *other])))
+        elif isinstance(val, list) and any(o != val for o in other):
+            raise ValueError(f"cannot pool: {name}.{key} (a grid) differs between the profiles")
+
+
 def pool_sweeps(profile: dict[str, Any], others: Sequence[dict[str, Any]],
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Refit ``profile``'s step fits on its own step sweep plus those of ``others`` (profiles of
-    the same model and executor on the same machine, each measured in its own process), each
-    pass of each sweep brought to the level of the median process's run of that pass
-    (``profile_steps.level_sources``); the op tables and every other term stay ``profile``'s.
-    Edits ``profile`` in place.
+    """One profile from ``profile`` and ``others`` (the same model and executor on the same
+    machine, each measured in its own process): the op tables and overhead timings are the
+    median over the processes (``TABLE_SECTIONS``), and the step fits are refitted on all the
+    step sweeps, each pass of each sweep brought to the level of the median process's run of
+    that pass (``profile_steps.level_sources``). The result does not depend on which profile
+    comes first. Edits ``profile`` in place.
 
     Why: one sweep's per-size lines move by a few per cent from one profiling process to the
     next (three processes on one H200 predicted the same serving steps of 17-64 requests
     0.2-5 % apart, and the qps_knee case's TPOT p50 11 % apart), because a process now and
-    then runs a whole pass slow; the pooled, levelled fit is nearly the same from whichever of
-    them supplies the tables."""
+    then runs a whole pass slow; and with one process's op tables under the pooled fits (they
+    differ by < 1 %), a near-the-knee case's TTFT p50 still moved by 3 %."""
     if not others:
         raise ValueError("pooling needs at least one other profile")
     own = profile["samples"]["step_sweep"]
     cols = {k: list(v) for k, v in own.items()}
     step = max(cols["pass_"], default=0) + 1
     sources, passes = [0] * len(cols["pass_"]), list(cols["pass_"])
+    for key in ("model", "hardware"):
+        if any(o.get(key) != profile.get(key) for o in others):
+            raise ValueError(f"cannot pool sweeps of another {key} into {profile.get(key)!r}")
+    for key in ("graph_sizes", "mixed_graph_sizes"):
+        if any(o["overhead"].get(key) != profile["overhead"].get(key) for o in others):
+            raise ValueError(f"cannot pool sweeps: overhead.{key} differs: another executor configuration")
+    for sec in TABLE_SECTIONS:
+        if sec in profile:
+            _median_section(sec, profile[sec], [o.get(sec) or {} for o in others])
     for i, other in enumerate(others, 1):
-        for key in ("model", "hardware"):
-            if other.get(key) != profile.get(key):
-                raise ValueError(f"cannot pool sweeps of {key} {other.get(key)!r} into {profile.get(key)!r}")
-        for key in ("graph_sizes", "mixed_graph_sizes"):
-            if other["overhead"].get(key) != profile["overhead"].get(key):
-                raise ValueError(f"cannot pool sweeps: overhead.{key} differs ({other['overhead'].get(key)} vs "
-                                 f"{profile['overhead'].get(key)}): another executor configuration")
         sweep = (other.get("samples") or {}).get("step_sweep")
         if not sweep:
             raise ValueError(f"profile {i} of the pool has no step sweep (samples.step_sweep)")
@@ -1426,7 +1454,8 @@ def pool_sweeps(profile: dict[str, Any], others: Sequence[dict[str, Any]],
         "profiles": [{"date": o["meta"].get("date"), "steps": len(o["samples"]["step_sweep"]["pass_"])}
                      for o in (profile, *others)],
         "pass_offsets_us": {str(p): v for p, v in offsets.items()},
-        "note": "walls in samples.step_sweep are levelled: each (pass, profile) shifted by the offset here"}
+        "note": "op tables: the median of the profiles; walls in samples.step_sweep are levelled: each "
+                "(pass, profile) shifted by the offset here"}
     log(f"pooled {len(others) + 1} step sweeps: {len(cols['pass_'])} steps; per pass, each profile's offset "
         f"from the median one (us): {offsets}")
     return refit_steps(profile, log)

@@ -434,6 +434,27 @@ def run_spread(roots: list[Path]) -> dict[str, Any]:
             "pairs": pairs}
 
 
+def summary_table(root: Path) -> str:
+    """One markdown row per comparison under ``root`` (every ``summary.json`` that ``compare``
+    wrote, by its directory relative to ``root``): the calibrated model's median |error| over the
+    cases on the target metrics and whether the targets are met."""
+    keys = (*TARGETS, *TAIL_TARGETS)
+    rows = []
+    for path in sorted(root.rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        if "calibrated" not in summary:
+            continue
+        met = summary.get("calibrated_targets_met", {})
+        rows.append(f"| {path.parent.relative_to(root)} | "
+                    + " | ".join(_abs_pct(summary["calibrated"].get(k)) for k in keys)
+                    + f" | {'yes' if met.get('p50_and_throughput_le_3pct') else 'no'}"
+                    + f" | {'yes' if met.get('p99_le_8pct') else 'no'} |")
+    if not rows:
+        raise ValueError(f"no compare summary.json under {root}")
+    head = "| comparison | " + " | ".join(keys) + " | p50 <= 3 % | p99 <= 8 % |"
+    return "\n".join([head, "|" + "---|" * (len(keys) + 3), *rows]) + "\n"
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -887,6 +908,9 @@ def main(argv: list[str] | None = None) -> None:
     lc.add_argument("--max-model-len", type=int, default=16384)
     sp = sub.add_parser("spread", help="run-to-run spread of real runs (the noise floor of the targets)")
     sp.add_argument("--real", action="append", required=True, help="a real phase's root (two or more)")
+    tb = sub.add_parser("table", help="one row per comparison (compare's summary.json) under a directory")
+    tb.add_argument("root")
+    tb.add_argument("--out", default=None, help="also write the markdown table here")
     sub.add_parser("cases", help="list the cases")
     args = ap.parse_args(argv)
     if args.phase == "real":
@@ -924,6 +948,11 @@ def main(argv: list[str] | None = None) -> None:
         print("median |relative difference| between real runs (over cases, then over ordered pairs of runs):")
         for k, v in spread["median_over_pairs"].items():
             print(f"  {k:18s} {v * 100:5.1f}%")
+    elif args.phase == "table":
+        table = summary_table(Path(args.root))
+        if args.out:
+            Path(args.out).write_text(table)
+        print(table, end="")
     else:
         for name, case in CASES.items():
             print(f"{name:14s} {case.get('note', '')}")

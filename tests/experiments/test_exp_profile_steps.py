@@ -129,7 +129,8 @@ def test_pooled_sweeps_are_levelled_to_the_median_process_and_refuse_another_mac
     """``profile.pool_sweeps``: three processes' sweeps, one of them run slow throughout (+150 us a
     step, a 'slow period', over 2 % noise), fit as the two clean sweeps would: each (pass, process) group is brought to
     the median process's level. A plain concatenation carries a third of the slowdown. Op tables
-    stay the first profile's; profiles of another model or executor are refused."""
+    are the median of the processes', whatever the order; profiles of another model, executor or
+    grid are refused."""
     from experiments.profile import pool_sweeps
 
     rng = np.random.default_rng(3)
@@ -142,7 +143,6 @@ def test_pooled_sweeps_are_levelled_to_the_median_process_and_refuse_another_mac
     slow["samples"]["step_sweep"]["wall_us"] = [w + 150.0 for w in slow["samples"]["step_sweep"]["wall_us"]]
     pooled = pool_sweeps(json.loads(json.dumps(sweeps[0])), [json.loads(json.dumps(sweeps[1])), slow],
                          log=lambda s: None)
-    assert pooled["attn_decode"] == sweeps[0]["attn_decode"]
     offsets = pooled["meta"]["pooled_sweeps"]["pass_offsets_us"]["0"]
     assert offsets[2] - max(offsets[:2]) == pytest.approx(150.0, abs=20.0)
     concat = {k: [] for k in columns_from_samples(sweeps[0]["samples"]["step_sweep"])}
@@ -164,6 +164,21 @@ def test_pooled_sweeps_are_levelled_to_the_median_process_and_refuse_another_mac
 
     assert abs(mean_gap_us(model)) < 10.0  # the clean level (0 +- the fit's noise)
     assert mean_gap_us(naive) > 30.0  # a plain concatenation carries ~50 us of the slow process
+    # the tables are the median of the processes' and the result does not depend on the order
+    for k, sw in enumerate(sweeps):
+        sw["attn_prefill"]["seconds"] = [x * (1 + 0.01 * k) for x in sw["attn_prefill"]["seconds"]]
+    orders = [(0, 1, 2), (2, 0, 1)]
+    runs = [pool_sweeps(json.loads(json.dumps(sweeps[a])), [json.loads(json.dumps(sweeps[b])),
+                                                              json.loads(json.dumps(sweeps[c]))], log=lambda s: None)
+            for a, b, c in orders]
+    assert runs[0]["attn_prefill"]["seconds"] == pytest.approx(sweeps[1]["attn_prefill"]["seconds"], rel=1e-12)
+    assert runs[1]["attn_prefill"]["seconds"] == runs[0]["attn_prefill"]["seconds"]
+    a, b = (CalibratedCostModel(r) for r in runs)
+    assert [a.step_time(x).total for x in shapes] == pytest.approx([b.step_time(x).total for x in shapes], rel=1e-9)
+    other = json.loads(json.dumps(sweeps[1]))
+    other["attn_prefill"]["chunk_tokens"] = other["attn_prefill"]["chunk_tokens"][::-1]
+    with pytest.raises(ValueError, match="grid"):
+        pool_sweeps(json.loads(json.dumps(sweeps[0])), [other])
     other = json.loads(json.dumps(sweeps[1]))
     other["model"] = "Llama-3.1-8B"
     with pytest.raises(ValueError, match="model"):

@@ -356,3 +356,21 @@ def test_run_spread_compares_every_ordered_pair_of_real_roots(tmp_path: Path) ->
     assert spread["median_over_pairs"]["output_throughput"] == pytest.approx(0.225)
     with pytest.raises(ValueError, match="at least two"):
         validate.run_spread([tmp_path / "a"])
+
+
+def test_summary_table_has_one_row_per_comparison(tmp_path: Path) -> None:
+    """``validate table``: every compare summary.json under the root is a row (by its relative
+    directory), with the calibrated errors and the targets; a root without one is an error."""
+    keys = (*validate.TARGETS, *validate.TAIL_TARGETS)
+    for name, err, met in (("s1/cmp_a", 0.02, True), ("s2/cmp_b", 0.05, False)):
+        d = tmp_path / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({
+            "calibrated": {k: err for k in keys},
+            "calibrated_targets_met": {"p50_and_throughput_le_3pct": met, "p99_le_8pct": True}}))
+    lines = validate.summary_table(tmp_path).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| s1/cmp_a | 2.0% |") and lines[2].endswith("| yes | yes |")
+    assert lines[3].startswith("| s2/cmp_b | 5.0% |") and lines[3].endswith("| no | yes |")
+    with pytest.raises(ValueError, match="no compare"):
+        validate.summary_table(tmp_path / "s1" / "cmp_a" / "nothing")
