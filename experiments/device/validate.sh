@@ -10,11 +10,19 @@
 # Back under $OUT (5 files, well under the tool's 8): summary.log (all this prints), profile.log,
 # real.log, the profile JSON, and validate.tar.gz (run dirs, profile, all logs, monitors).
 # Run: bash experiments/device/validate.sh   (carry .valtraces; optional NAME=<profile stem>)
+# Other shapes / subsets: SHAPE (default Qwen3-0.6B), CASES (default all), TESTS=0 skips the GPU
+# tests, PROFILE_TIMEOUT (default 210 s per profile), e.g. the Llama-3.1-8B QPS sweep:
+#   SHAPE=Llama-3.1-8B CASES=qps_overload,qps_knee,qps_low PROFILES=1 TESTS=0 PROFILE_TIMEOUT=330 \
+#   NAME=llama3_1_8b_h200_v2 bash experiments/device/validate.sh
 . "$(dirname "$0")/common.sh"
 export SERVELAB_TRACES=${SERVELAB_TRACES:-$PWD/.valtraces}
 NAME=${NAME:-qwen3_0_6b_h200_v2_rounds}
 PROFILES=${PROFILES:-3}
-MODEL=/dev/shm/q06
+SHAPE=${SHAPE:-Qwen3-0.6B}
+CASES=${CASES:-all}
+TESTS=${TESTS:-1}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-210}
+MODEL=/dev/shm/$SHAPE
 W=$(mktemp -d /tmp/val.XXXX)
 PROFILE=$W/$NAME.json
 BUDGET=570
@@ -40,15 +48,14 @@ cpu_monitor > "$W/cpu_monitor.csv" 2>&1 &
 CPU_MON=$!
 trap 'kill $GPU_MON $CPU_MON 2>/dev/null' EXIT
 
-timeout 120 python3 -m executor.make_random_model --shape Qwen3-0.6B --dtype bfloat16 --out $MODEL > "$W/model.log" 2>&1
-done_part model $?
+timeout 240 python3 -m executor.make_random_model --shape "$SHAPE" --dtype bfloat16 --out $MODEL > "$W/model.log" 2>&1
+done_part "model $SHAPE" $?
 
-timeout 130 python3 -m pytest -q -x -p no:cacheprovider tests/executor/test_engine_vs_hf.py tests/executor/test_llm.py \
+(( TESTS )) && timeout 130 python3 -m pytest -q -x -p no:cacheprovider tests/executor/test_engine_vs_hf.py tests/executor/test_llm.py \
   > "$W/pytest_gpu.log" 2>&1
 rc=$?
-done_part pytest-gpu $rc
-tail -3 "$W/pytest_gpu.log"
-if (( rc != 0 )); then  # a crash hides which call failed: rerun the GPU-pool test with synchronous launches
+(( TESTS )) && { done_part pytest-gpu $rc; tail -3 "$W/pytest_gpu.log"; }
+if (( TESTS && rc != 0 )); then  # a crash hides which call failed: rerun the GPU-pool test with synchronous launches
   CUDA_LAUNCH_BLOCKING=1 timeout 90 python3 -m pytest -q -x -p no:cacheprovider --tb=long \
     tests/executor/test_llm.py::test_gpu_profiled_pool_and_graphs_match_eager > "$W/pytest_gpu_blocking.log" 2>&1
   done_part pytest-gpu-blocking $?
@@ -61,7 +68,7 @@ fi
 parts=()
 for k in $(seq 1 "$PROFILES"); do
   if (( k > 1 && BUDGET - $(elapsed) < 270 )); then echo "== skipped profile $k: $(( BUDGET - $(elapsed) )) s left"; break; fi
-  timeout 210 python3 -m experiments.profile --model-dir $MODEL --model-name Qwen3-0.6B --out "$W/${NAME}_p$k.json" \
+  timeout "$PROFILE_TIMEOUT" python3 -m experiments.profile --model-dir $MODEL --model-name "$SHAPE" --out "$W/${NAME}_p$k.json" \
     --num-gpu-blocks 32768 > "$W/profile_p$k.log" 2>&1
   done_part "profile $k" $?
   [[ -f $W/${NAME}_p$k.json ]] && parts+=("$W/${NAME}_p$k.json")
@@ -81,8 +88,8 @@ cp "$PROFILE" "$OUT/" 2>/dev/null
 
 left=$(( BUDGET - $(elapsed) ))
 if (( left > 60 )); then
-  timeout $(( left < 280 ? left : 280 )) python3 -m experiments.validate real --case all --model-dir $MODEL \
-    --model-name Qwen3-0.6B --out "$W/runs" --num-gpu-blocks 32768 --max-duration 45 > "$W/real.log" 2>&1
+  timeout $(( left < 280 ? left : 280 )) python3 -m experiments.validate real --case "$CASES" --model-dir $MODEL \
+    --model-name "$SHAPE" --out "$W/runs" --num-gpu-blocks 32768 --max-duration 45 > "$W/real.log" 2>&1
   done_part real $?
 else
   echo "== skipped the real phase: ${left} s left" | tee "$W/real.log"
