@@ -216,6 +216,7 @@ def run_real(cases: list[str], model_dir: str, out: Path, *, model_name: str | N
                       "cache": {"block_size": runner.block_size, "num_gpu_blocks": int(blocks),
                                 "enable_prefix_caching": prefix},
                       "model_name": model_name or Path(model_dir).name, "model_dir": str(model_dir),
+                      "max_duration": max_duration,
                       "device": dev_name, "torch": torch.__version__,
                       "runner": {"max_model_len": runner.max_model_len, "pool_blocks": runner.num_gpu_blocks,
                                  "cuda_graph_sizes": list(runner.capture_sizes)},
@@ -278,9 +279,30 @@ def _model_spec(record: dict[str, Any]) -> Any:
         return ModelSpec.from_hf_config(path, name=name)
 
 
+def cut_off(requests: list[Any], steps: list[Any], t: float) -> tuple[list[Any], list[Any]]:
+    """A simulated run as a real run stopped at time ``t`` records it (``run_online``'s
+    ``max_duration``): what is in flight is aborted at ``t``, later arrivals are never added,
+    steps after ``t`` never run. A simulation is causal, so nothing before ``t`` changes: this
+    is the same as simulating with the stop. Edits the requests in place."""
+    from core.request import RequestStatus
+
+    for r in requests:
+        if r.status.finished and r.finish_time is not None and r.finish_time <= t:
+            continue
+        if r.arrival_time <= t:
+            r.status, r.finish_time = RequestStatus.FINISHED_ABORTED, t
+        else:
+            r.status, r.finish_time = RequestStatus.WAITING, None
+    return requests, [s for s in steps if s.time <= t]
+
+
 def simulate_case(record: dict[str, Any], cost_model: str, options: dict[str, Any], out_dir: Path | None,
-                  hardware: str | None = None) -> dict[str, Any]:
+                  hardware: str | None = None, stop_after: float | None = None) -> dict[str, Any]:
+    """Simulate a real case's record; ``stop_after`` (seconds after its first arrival) cuts the
+    run where the real one was stopped (``cut_off``)."""
     from core.config import SchedulerConfig
+    from core.metrics import summarize
+    from core.results import write_results
     from core.workloads.config import WorkloadConfig, build_workload
     from simulator.runner import SimulationConfig, run_simulation
 
@@ -291,8 +313,15 @@ def simulate_case(record: dict[str, Any], cost_model: str, options: dict[str, An
                            enable_prefix_caching=cache["enable_prefix_caching"],
                            num_gpu_blocks=cache["num_gpu_blocks"], cost_model=cost_model,
                            cost_model_options=options)
-    run = run_simulation(cfg, workload, out_dir=out_dir)
-    return run.metrics
+    if stop_after is None:
+        return run_simulation(cfg, workload, out_dir=out_dir).metrics
+    res = run_simulation(cfg, workload).result
+    t = min(r.arrival_time for r in res.requests) + stop_after
+    requests, steps = cut_off(res.requests, res.steps, t)
+    metrics = summarize(requests, steps)
+    if out_dir is not None:
+        write_results(out_dir, requests, steps, metrics, res.breakdown)
+    return metrics
 
 
 def _rel(sim: float | None, real: float | None) -> float:
@@ -323,10 +352,13 @@ SIM_LABELS = ("calibrated", "calibrated_v1", "roofline")
 
 
 def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None = None,
-            plots: bool = True, sim_root: Path | None = None, baseline_profile: Path | None = None) -> Any:
+            plots: bool = True, sim_root: Path | None = None, baseline_profile: Path | None = None,
+            max_duration: float | None = None) -> Any:
     """Rerun every case under ``real_root`` in the simulator; write the comparison to ``out``.
     The simulated runs' own result files go to ``sim_root`` (a temporary folder if None).
-    ``baseline_profile`` (optional) adds a second calibrated run, labelled ``calibrated_v1``."""
+    ``baseline_profile`` (optional) adds a second calibrated run, labelled ``calibrated_v1``.
+    A real case that its ``max_duration`` (case.json, else ``max_duration``) stopped with
+    requests left is simulated up to the same moment (``cut_off`` at its measured duration)."""
     import tempfile
 
     import pandas as pd
@@ -351,6 +383,9 @@ def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None =
         record = json.loads((d / "case.json").read_text())
         name = record["name"]
         real = read_metrics(d)
+        limit = record.get("max_duration", max_duration)
+        stopped = limit is not None and (real.get("aborted", 0) + real.get("unfinished", 0)) > 0
+        stop_after = float(real["duration"]) if stopped else None
         t0 = time.perf_counter()
         sims: dict[str, dict[str, Any]] = {}
         frames = {"real": pd.read_parquet(d / REQUESTS_FILE)}
@@ -358,7 +393,7 @@ def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None =
         labels = [v[0] for v in variants]
         for label, kind, opts in variants:
             sim_dir = sim_root / name / label
-            sims[label] = simulate_case(record, kind, opts, sim_dir)
+            sims[label] = simulate_case(record, kind, opts, sim_dir, stop_after=stop_after)
             frames[label] = pd.read_parquet(sim_dir / REQUESTS_FILE)
         metrics_by_case[name] = {"real": real, **sims}
         for key in metric_keys():
@@ -378,7 +413,8 @@ def compare(real_root: Path, profile: Path, out: Path, cases: list[str] | None =
         merged.insert(0, "case", name)
         merged.to_parquet(out / f"requests_compare_{name}.parquet", index=False)
         per_case_frames[name] = merged
-        print(f"  {name}: simulated {len(labels)} times in {time.perf_counter() - t0:.1f} s", flush=True)
+        cut = f", stopped at {stop_after:.1f} s like the real run" if stop_after is not None else ""
+        print(f"  {name}: simulated {len(labels)} times in {time.perf_counter() - t0:.1f} s{cut}", flush=True)
     if tmp is not None:
         tmp.cleanup()
     table = pd.DataFrame(rows)
@@ -894,6 +930,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--no-plots", action="store_true")
     c.add_argument("--sim-dir", default=None, help="keep the simulated runs' result files here")
     c.add_argument("--baseline-profile", default=None, help="a second profile, reported as calibrated_v1")
+    c.add_argument("--max-duration", type=float, default=None,
+                   help="the real phase's --max-duration, for runs whose case.json predates recording it")
     st = sub.add_parser("steps", help="step-level check: every real step's wall time vs each profile's prediction")
     st.add_argument("--real", required=True)
     st.add_argument("--profile", action="append", required=True, metavar="LABEL=PATH")
@@ -922,7 +960,8 @@ def main(argv: list[str] | None = None) -> None:
         compare(Path(args.real), Path(args.profile), Path(args.out),
                         cases=_case_list(args.case) if args.case else None, plots=not args.no_plots,
                         sim_root=Path(args.sim_dir) if args.sim_dir else None,
-                        baseline_profile=Path(args.baseline_profile) if args.baseline_profile else None)
+                        baseline_profile=Path(args.baseline_profile) if args.baseline_profile else None,
+                        max_duration=args.max_duration)
         summary = json.loads((Path(args.out) / "summary.json").read_text())
         print(json.dumps(summary, indent=1))
     elif args.phase == "steps":

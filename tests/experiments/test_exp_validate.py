@@ -147,6 +147,41 @@ def test_compare_phase_on_a_synthetic_real_run(tmp_path: Path) -> None:
     assert summary["roofline"]["median_ttft_ms"] == 0.0
 
 
+@pytest.mark.skipif(not PROFILES, reason="no committed profile")
+def test_a_real_run_stopped_by_max_duration_is_simulated_up_to_the_same_moment(tmp_path: Path) -> None:
+    """``cut_off`` keeps what finished by the stop, aborts what had arrived, leaves later arrivals
+    unfinished; ``compare`` cuts the simulation where the real run (case.json's max_duration,
+    requests left) stopped, so the roofline rerun of a roofline "real" run matches it exactly."""
+    from core.metrics import summarize
+    from core.request import RequestStatus
+
+    record = _fake_real_run(tmp_path / "whole")
+    cfg = SimulationConfig(model="Qwen3-0.6B", hardware="H200", scheduler=SchedulerConfig(**record["scheduler"]),
+                           num_gpu_blocks=4096)
+    run = run_simulation(cfg, build_workload(WorkloadConfig.from_dict(record["workload"])))
+    first = min(r.arrival_time for r in run.result.requests)
+    t = first + 2.0
+    finish = {r.request_id: r.finish_time for r in run.result.requests}
+    arrival = {r.request_id: r.arrival_time for r in run.result.requests}
+    requests, steps = validate.cut_off(run.result.requests, run.result.steps, t)
+    done = [r for r in requests if r.status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED)]
+    assert {r.request_id for r in done} == {k for k, f in finish.items() if f <= t}
+    aborted = {r.request_id for r in requests if r.status == RequestStatus.FINISHED_ABORTED}
+    assert aborted == {k for k, f in finish.items() if f > t and arrival[k] <= t} and aborted
+    assert all(s.time <= t for s in steps) and len(steps) < len(run.result.steps)
+    metrics = summarize(requests, steps)
+    assert metrics["unfinished"] == sum(1 for a in arrival.values() if a > t) > 0
+    real = tmp_path / "real"
+    write_results(real / "qps_low", requests, steps, metrics)
+    (real / "qps_low" / "case.json").write_text(json.dumps({**record, "max_duration": 2.0}))
+    table = validate.compare(real, PROFILES[0], tmp_path / "cmp", plots=False)
+    rows = table[table.metric.isin(["median_ttft_ms", "median_e2el_ms", "output_throughput"])]
+    assert all(abs(v) < 1e-9 for v in rows["roofline_rel_err"])
+    whole = validate.compare(tmp_path / "whole", PROFILES[0], tmp_path / "cmp_whole", plots=False)
+    assert (whole.loc[whole.metric == "output_throughput", "real"].iloc[0]
+            != table.loc[table.metric == "output_throughput", "real"].iloc[0])
+
+
 def test_errors_summary_and_markdown() -> None:
     import pandas as pd
 
