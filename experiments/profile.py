@@ -1477,8 +1477,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--refit-steps", default=None, metavar="PROFILE",
                     help="recompute step_fits of a profile from its stored step sweep, write --out")
     ap.add_argument("--pool-sweeps", default=None, nargs="+", metavar="PROFILE",
-                    help="profiles of the same model on this machine (each from its own process): refit the "
-                         "step fits of the first on all their step sweeps, write --out")
+                    help="profiles of the same model on this machine, each from its own process: one profile "
+                         "of their median op tables and the step fits of all their sweeps, each pass levelled "
+                         "to the median process's; write --out")
     ap.add_argument("--v2-from-v1", default=None, metavar="PROFILE",
                     help="convert a v1 profile written by this module to v2 (needs --num-kv-heads, --num-sms)")
     ap.add_argument("--num-kv-heads", type=int, default=None, help="the model's KV heads (--v2-from-v1)")
