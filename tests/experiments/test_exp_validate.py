@@ -24,6 +24,8 @@ from simulator.runner import SimulationConfig, build_requests, run_simulation
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = sorted((REPO / "experiments" / "profiles").glob("*.json"))
+# The synthetic "real" runs below are of the Qwen3-0.6B shape: a profile of that model.
+QWEN_PROFILES = [p for p in PROFILES if p.name.startswith("qwen3_0_6b")]
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=[p.name for p in PROFILES])
@@ -109,13 +111,13 @@ def _fake_real_run(root: Path, name: str = "qps_low") -> dict:
     return record
 
 
-@pytest.mark.skipif(not PROFILES, reason="no committed profile")
+@pytest.mark.skipif(not QWEN_PROFILES, reason="no committed Qwen3-0.6B profile")
 def test_refit_eager_reproduces_the_committed_profile() -> None:
     """The committed profile is ``--refit-eager`` of what the GPU run wrote; refitting it
     again (from the same stored warm pass) must give the same numbers."""
     from experiments.profile import refit_eager_from_meta
 
-    profile = json.loads(PROFILES[0].read_text())
+    profile = json.loads(QWEN_PROFILES[0].read_text())
     if "mixed_after_op_timings" not in profile["meta"]:
         pytest.skip("profile was written by the current profile.py (no refit needed)")
     again = refit_eager_from_meta(json.loads(json.dumps(profile)))
@@ -125,12 +127,12 @@ def test_refit_eager_reproduces_the_committed_profile() -> None:
         assert again["per_token_ops"][op] == pytest.approx(values, rel=1e-9), op
 
 
-@pytest.mark.skipif(not PROFILES, reason="no committed profile")
+@pytest.mark.skipif(not QWEN_PROFILES, reason="no committed Qwen3-0.6B profile")
 def test_compare_phase_on_a_synthetic_real_run(tmp_path: Path) -> None:
     real = tmp_path / "real"
     _fake_real_run(real)
     out = tmp_path / "cmp"
-    table = validate.compare(real, PROFILES[0], out)
+    table = validate.compare(real, QWEN_PROFILES[0], out)
     for f in ("errors.csv", "errors.md", "summary.json", "requests_compare_qps_low.parquet", "cdf_qps_low.png"):
         assert (out / f).exists(), f
     assert not (out / "runs").exists()
@@ -147,7 +149,7 @@ def test_compare_phase_on_a_synthetic_real_run(tmp_path: Path) -> None:
     assert summary["roofline"]["median_ttft_ms"] == 0.0
 
 
-@pytest.mark.skipif(not PROFILES, reason="no committed profile")
+@pytest.mark.skipif(not QWEN_PROFILES, reason="no committed Qwen3-0.6B profile")
 def test_a_real_run_stopped_by_max_duration_is_simulated_up_to_the_same_moment(tmp_path: Path) -> None:
     """``cut_off`` keeps what finished by the stop, aborts what had arrived, leaves later arrivals
     unfinished; ``compare`` cuts the simulation where the real run (case.json's max_duration,
@@ -174,10 +176,10 @@ def test_a_real_run_stopped_by_max_duration_is_simulated_up_to_the_same_moment(t
     real = tmp_path / "real"
     write_results(real / "qps_low", requests, steps, metrics)
     (real / "qps_low" / "case.json").write_text(json.dumps({**record, "max_duration": 2.0}))
-    table = validate.compare(real, PROFILES[0], tmp_path / "cmp", plots=False)
+    table = validate.compare(real, QWEN_PROFILES[0], tmp_path / "cmp", plots=False)
     rows = table[table.metric.isin(["median_ttft_ms", "median_e2el_ms", "output_throughput"])]
     assert all(abs(v) < 1e-9 for v in rows["roofline_rel_err"])
-    whole = validate.compare(tmp_path / "whole", PROFILES[0], tmp_path / "cmp_whole", plots=False)
+    whole = validate.compare(tmp_path / "whole", QWEN_PROFILES[0], tmp_path / "cmp_whole", plots=False)
     assert (whole.loc[whole.metric == "output_throughput", "real"].iloc[0]
             != table.loc[table.metric == "output_throughput", "real"].iloc[0])
 
