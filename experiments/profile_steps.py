@@ -99,7 +99,8 @@ MIN_EAGER_POINTS = 25  # five coefficients: fewer device-bound eager steps keep 
 DECODE_KNOTS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_SIGMA_S = 1e-6  # step walls are not steadier than a microsecond
 HUBER_K = 1.345  # the usual Huber constant (95% efficiency on normal noise)
-LEVEL_ROUNDS = 2  # pooled sweeps: refits with the (pass, source) levels (the second changes them < 5 us)
+LEVEL_ROUNDS = 2  # pooled sweeps: fits with the (pass, source) levels (the second round moved them by up
+# to 6 us on H200 session 6b's sweeps and up to 40 us on 6a's, where one pass ran ~200 us slow)
 
 SAMPLE_FIELDS = ("pass_", "num_reqs", "num_tokens", "num_sampling", "num_decode", "decode_context",
                  "prefill_tokens", "prefill_context", "prefill_pairs", "max_decode_context")
