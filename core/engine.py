@@ -68,6 +68,10 @@ class EngineCore:
         self._pending_rows = []
         bd.update(zip(ops, np.add.accumulate(table, axis=0)[-1].tolist()))
 
+    def add_breakdown(self, split: dict[str, float]) -> None:
+        """Add seconds per op that no step reported (a simulator's fast-forwarded stretches)."""
+        self._add_breakdown(split)
+
     def _add_breakdown(self, split: dict[str, float]) -> None:
         """Queue a step's split as a tuple of its values, while the ops (and their order) stay
         those of the queued ones; else the queued ones are summed first."""

@@ -59,6 +59,8 @@ class Replica:
         self._ff: tuple[float, list[float], list[float]] | None = None  # start, durations, ends
         # The last planned run's segments: (index of its first step, batch, total context, longest context).
         self._ff_segments: list[tuple[int, int, int, int]] = []
+        # Applied stretches whose per-op split is not summed yet: (batch, context, longest, seconds).
+        self._split_queue: list[tuple[int, int, int, float]] = []
         self._busy_until = 0.0
         self.process = sim.env.process(self._run())
 
@@ -87,24 +89,32 @@ class Replica:
     def _apply(self, start: float, durations: list[float], ends: list[float]) -> None:
         eng = self.engine
         # The engine's LazyDecodeScheduler knows the decode tokens (forced ids, else SIM_TOKEN_ID).
-        finished = eng.apply_decode_steps(start, durations, None, self._decode_breakdowns(durations), ends)
+        finished = eng.apply_decode_steps(start, durations, None, (), ends)
+        self._queue_splits(durations)
         self.sim._on_finished(finished)
 
-    def _decode_breakdowns(self, durations: list[float]) -> list[dict[str, float]]:
-        """Per-op splits of the planned run's first ``len(durations)`` steps, one per segment:
-        its middle step's split, scaled to the segment's exact total (only the plot of where
-        time goes reads it; timings are exact)."""
-        split = self.backend.cost_model.decode_step_split
+    def _queue_splits(self, durations: list[float]) -> None:
+        """Queue the per-op split of the planned run's first ``len(durations)`` steps, one per
+        segment: its middle step's split, scaled to the segment's exact total (only the plot of
+        where time goes reads it; timings are exact). ``flush_splits`` sums them in bulk."""
         segments = self._ff_segments
+        queued = self._split_queue
         k = len(durations)
-        splits = []
         for i, (first, batch, ctx, longest) in enumerate(segments):
             if first >= k:
                 break
             stop = min(segments[i + 1][0], k) if i + 1 < len(segments) else k
             j = (stop - first) // 2
-            splits.append(split(batch, ctx + j * batch, longest + j, sum(durations[first:stop])))
-        return splits
+            queued.append((batch, ctx + j * batch, longest + j, sum(durations[first:stop])))
+        if len(queued) >= 4096:
+            self.flush_splits()
+
+    def flush_splits(self) -> None:
+        """Add the queued stretches' splits to the engine's breakdown (one vectorised call)."""
+        if self._split_queue:
+            batch, ctx, longest, total = zip(*self._split_queue)
+            self._split_queue = []
+            self.engine.add_breakdown(self.backend.cost_model.decode_splits_sum(batch, ctx, longest, total))
 
     def _run(self):
         env = self.sim.env
@@ -328,6 +338,7 @@ class Simulation:
         steps: list[StepStats] = []
         breakdown: dict[str, float] = {}
         for rep in self.replicas:
+            rep.flush_splits()
             requests.extend(rep.engine.finished)
             steps.extend(rep.engine.steps)
             for op, t in rep.engine.breakdown.items():

@@ -149,6 +149,17 @@ class CostModel(ABC):
         scale = total / mid.total if mid.total > 0 else 0.0
         return {op: t * scale for op, t in mid.breakdown.items()}
 
+    def decode_splits_sum(self, batch_sizes: Sequence[int], sum_contexts: Sequence[int],
+                          max_contexts: Sequence[int], totals: Sequence[float]) -> dict[str, float]:
+        """The sum over stretches ``i`` of ``decode_step_split(batch_sizes[i], sum_contexts[i],
+        max_contexts[i], totals[i])``, op by op (the simulator's per-op time of its fast-forwarded
+        stretches, summed in bulk); a subclass may vectorise it (to rounding)."""
+        out: dict[str, float] = {}
+        for b, ctx, longest, total in zip(batch_sizes, sum_contexts, max_contexts, totals):
+            for op, t in self.decode_step_split(b, ctx, longest, total).items():
+                out[op] = out.get(op, 0.0) + t
+        return out
+
     def decode_step_times_list(self, batch_size: int, sum_context: int, k: int,
                                max_context: int | None = None) -> list[float]:
         """``decode_step_times(...).tolist()``; a subclass may build the list directly."""

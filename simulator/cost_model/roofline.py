@@ -25,7 +25,7 @@ GEMMs at the FP8 peak (W8A8, as vLLM does on Hopper); attention stays in ``dtype
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -219,6 +219,30 @@ class RooflineCostModel(CostModel):
         split = {op: t * scale for op, t in self._decode_base(batch_size)[0].items()}
         split["attn_decode"] = attn * scale
         return split
+
+    def decode_splits_sum(self, batch_sizes: Sequence[int], sum_contexts: Sequence[int],
+                          max_contexts: Sequence[int], totals: Sequence[float]) -> dict[str, float]:
+        """Vectorised over the stretches: each stretch's split is ``decode_step_split``'s (the same
+        float operations, element by element); only the sums over stretches may round differently."""
+        if not len(batch_sizes) or not all(batch_sizes):
+            return super().decode_splits_sum(batch_sizes, sum_contexts, max_contexts, totals)
+        sizes, inverse = np.unique(np.asarray(batch_sizes, dtype=np.int64), return_inverse=True)
+        memos = [self._decode_base(int(b)) for b in sizes.tolist()]
+        ops = list(memos[0][0])
+        at = ops.index("attn_decode")
+        per_size = np.array([[base[op] for op in ops] + [m, c, head] for base, m, c, head, _ in memos])[inverse]
+        m, c, head = per_size[:, len(ops)], per_size[:, len(ops) + 1], per_size[:, len(ops) + 2]
+        batch = np.asarray(batch_sizes, dtype=np.int64)
+        context = np.asarray(sum_contexts, dtype=np.int64)
+        attn = c * self._attn_decode(batch / m, context / m, np.maximum)
+        mid = head + attn  # _decode_total's additions, in its order
+        for j in range(at + 1, len(ops)):
+            mid = mid + per_size[:, j]
+        total = np.asarray(totals, dtype=np.float64)
+        scale = np.divide(total, mid, out=np.zeros_like(total), where=mid > 0)
+        sums = (per_size[:, :len(ops)] * scale[:, None]).sum(axis=0)
+        sums[at] = (attn * scale).sum()
+        return dict(zip(ops, sums.tolist()))
 
     def _short_run(self, first: float, batch_size: int, sum_context: int, k: int, m: int, stages: int) -> list[float]:
         # _attn_decode inlined (one call per step was most of the cost): the same float operations

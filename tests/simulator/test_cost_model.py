@@ -248,6 +248,26 @@ def test_decode_step_split_equals_the_scaled_timing(name: str, par: dict) -> Non
             assert list(fast.items()) == list(slow.items())
 
 
+@pytest.mark.parametrize("name, par", ROOFLINE_CONFIGS)
+def test_decode_splits_sum_equals_the_summed_splits(name: str, par: dict) -> None:
+    """The roofline's vectorised sum of many stretches' splits equals the base class's loop over
+    ``decode_step_split`` to rounding, with the same keys in the same order (also with a batch of 0)."""
+    cm = RooflineCostModel(get_model(name), H100, ParallelConfig(**par))
+    rng = np.random.default_rng(1)
+    batch = rng.integers(1, 300, size=500)
+    for sizes in (batch, np.append(batch, 0)):
+        ctx = [int(b) * int(rng.integers(1, 8000)) for b in sizes]
+        longest = [c // max(int(b), 1) + 5 for b, c in zip(sizes, ctx)]
+        totals = rng.uniform(1e-3, 2.0, size=len(sizes)).tolist()
+        fast = cm.decode_splits_sum(sizes.tolist(), ctx, longest, totals)
+        slow = CostModel.decode_splits_sum(cm, sizes.tolist(), ctx, longest, totals)
+        assert list(fast) == list(slow) == list(cm.decode_step_split(1, 10, None, 1.0))
+        for op in slow:
+            assert fast[op] == pytest.approx(slow[op], rel=1e-12, abs=1e-15)
+        assert sum(fast.values()) == pytest.approx(sum(totals), rel=1e-12)
+    assert cm.decode_splits_sum([], [], [], []) == {}
+
+
 # ---- Calibrated -------------------------------------------------------------------------
 
 def synthetic_profile(**overrides) -> dict:
