@@ -22,6 +22,11 @@ from itertools import compress, repeat
 
 import numpy as np
 
+try:  # the C function behind np.count_nonzero, without its Python wrapper (~0.3 us a call, several per request)
+    from numpy._core.multiarray import count_nonzero as _count_nonzero
+except ImportError:  # pragma: no cover - another numpy layout
+    _count_nonzero = np.count_nonzero
+
 #: ``block_hash`` of a block that holds no registered content. Python's ``hash`` never
 #: returns -1 (CPython reserves it for errors), so no real hash collides with it.
 NO_HASH = -1
@@ -41,6 +46,7 @@ class FreeBlockQueue:
         self._q = np.empty(self._cap, dtype=np.int64)
         self._q[:num_blocks] = np.arange(num_blocks)
         self._pos = np.arange(num_blocks, dtype=np.int64)
+        self._positions = np.arange(self._cap, dtype=np.int64)  # sliced, not rebuilt, at each append
         self._head = 0
         self._len = num_blocks
         self._dead: list[int] = []  # heap of dead entry positions at or after the head
@@ -85,7 +91,7 @@ class FreeBlockQueue:
             self._compact(n)
         start = self._len
         self._q[start:start + n] = ids
-        self._pos[ids] = np.arange(start, start + n)
+        self._pos[ids] = self._positions[start:start + n]
         self._len = start + n
         self.num_free_blocks += n
 
@@ -107,6 +113,7 @@ class FreeBlockQueue:
         if m + extra > self._cap:
             self._cap = 2 * (m + extra)
             self._q = np.empty(self._cap, dtype=np.int64)
+            self._positions = np.arange(self._cap, dtype=np.int64)
         self._q[:m] = live
         self._pos[live] = np.arange(m)
         self._head, self._len = 0, m
@@ -186,6 +193,9 @@ class BlockPool:
         self._next_run_id = 0
         self._prune_at = 4096
         self.num_evictions = 0
+        # Whether any block ever entered the eager index: until then an eviction only unmarks
+        # lazy runs (no hashes to drop), which skips two array passes per allocation.
+        self._any_in_index = False
 
     @property
     def num_free_blocks(self) -> int:
@@ -204,12 +214,14 @@ class BlockPool:
             raise RuntimeError(f"cannot get {n} blocks: only {queue.num_free_blocks} free")
         ids = queue.popleft_n(n)
         state = self.run_of[ids]
-        cached = state != NOT_CACHED
-        num_cached = int(np.count_nonzero(cached))
+        num_cached = n - _count_nonzero(state == NOT_CACHED)
         if num_cached:
-            if num_cached == n:
+            if not self._any_in_index:
+                self.run_of[ids] = NOT_CACHED  # the uncached ones already are
+            elif num_cached == n:
                 self._evict(ids, state)
             else:
+                cached = state != NOT_CACHED
                 self._evict(ids[cached], state[cached])
             self.num_evictions += num_cached
         self.ref_cnt[ids] = 1
@@ -220,7 +232,7 @@ class BlockPool:
         them, eager owners drop their index entries."""
         self.run_of[blocks] = NOT_CACHED
         eager = state == IN_INDEX
-        if not np.count_nonzero(eager):
+        if not _count_nonzero(eager):
             return
         bh = self.block_hash
         eager_blocks = blocks[eager]
@@ -293,13 +305,14 @@ class BlockPool:
         bh = self.block_hash
         idx = np.array(blocks, dtype=np.int64)
         fresh = bh[idx] == NO_HASH
-        if np.count_nonzero(fresh) != len(fresh):  # prefix hits, already registered: they keep their hash
+        if _count_nonzero(fresh) != len(fresh):  # prefix hits, already registered: they keep their hash
             keep = fresh.tolist()
             idx = idx[fresh]
             blocks = list(compress(blocks, keep))
             hashes = list(compress(hashes, keep))
         bh[idx] = hashes
         self.run_of[idx] = IN_INDEX
+        self._any_in_index = True
         deque(map(self.cached_block_hash_to_block.setdefault, hashes, blocks), 0)  # setdefault per pair, in C
 
     def cache_block(self, run: ChainRun, i: int) -> None:
@@ -314,6 +327,7 @@ class BlockPool:
             h = run.hashes_upto(i + 1)[i]
             bh[block] = h
             self.run_of[block] = IN_INDEX
+            self._any_in_index = True
             self.cached_block_hash_to_block.setdefault(h, block)
 
     def root_cached(self, root: int) -> bool:
@@ -347,12 +361,13 @@ class BlockPool:
         n = run.num_blocks
         idx = np.array(run.blocks[:n], dtype=np.int64)
         live = self.run_of[idx] == run_id
-        if not np.count_nonzero(live):
+        if not _count_nonzero(live):
             del self._roots[run.root]
             return False
         self._roots[run.root] = EAGER
         live_idx = idx[live]
         self.run_of[live_idx] = IN_INDEX
+        self._any_in_index = True
         keep = live.tolist()
         hashes = list(compress(run.hashes_upto(n)[:n], keep))
         self.block_hash[live_idx] = hashes
@@ -401,11 +416,11 @@ class BlockPool:
         """
         idx = np.fromiter(ordered_blocks, np.int64, len(ordered_blocks))
         ref = self.ref_cnt[idx]
-        if not np.count_nonzero(ref != 1):  # the common case: nobody else holds any of them
+        if not _count_nonzero(ref != 1):  # the common case: nobody else holds any of them
             self.ref_cnt[idx] = 0
             self.free_block_queue.append_n(idx)
             return
-        if np.count_nonzero(ref < 1):
+        if _count_nonzero(ref < 1):
             raise RuntimeError(f"double free of block {int(idx[ref < 1][0])}")
         ref -= 1
         self.ref_cnt[idx] = ref
