@@ -72,7 +72,7 @@ class FreeBlockQueue:
 
     def popleft(self) -> int:
         if not self.num_free_blocks:
-            raise RuntimeError("FreeBlockQueue.popleft on an empty queue")
+            raise RuntimeError("cannot get a block: none free")
         q, pos, dead = self._q, self._pos, self._dead
         head = self._head
         while dead and dead[0] == head:
@@ -139,7 +139,8 @@ IN_INDEX = -2
 class ChainRun:
     """One request's registered chain (one allocation of its blocks: admission to free).
 
-    ``blocks`` is the request's block id list (by position, only ever appended to);
+    ``blocks`` is the request's block id list (by position, only ever appended to; once the
+    request frees them, an int64 array of the same ids, see ``KVCacheManager.free``);
     positions ``[0, num_blocks)`` are registered. ``hashes_upto(n)`` returns the chain's
     hashes, computed (and cached on the request) for at least ``n`` blocks. While ``eager``
     is False the run is lazy: its blocks are marked in ``BlockPool.run_of`` and their
@@ -148,7 +149,7 @@ class ChainRun:
 
     __slots__ = ("run_id", "root", "blocks", "hashes_upto", "num_blocks", "eager", "catch_up")
 
-    def __init__(self, run_id: int, root: int, blocks: list[int], hashes_upto: Callable[[int], list[int]],
+    def __init__(self, run_id: int, root: int, blocks: list[int] | np.ndarray, hashes_upto: Callable[[int], list[int]],
                  eager: bool) -> None:
         self.run_id = run_id
         self.root = root
@@ -248,10 +249,7 @@ class BlockPool:
 
     def get_new_block(self) -> int:
         """``get_new_blocks(1)[0]`` in one call: a decoding request takes one block at a time."""
-        queue = self.free_block_queue
-        if not queue.num_free_blocks:
-            raise RuntimeError("cannot get a block: none free")
-        block = queue.popleft()
+        block = self.free_block_queue.popleft()
         state = self.run_of.item(block)
         if state != NOT_CACHED:
             self.run_of[block] = NOT_CACHED
@@ -390,7 +388,7 @@ class BlockPool:
             if run.catch_up is not None:
                 run.catch_up(False)
             n = run.num_blocks
-            for b, h in zip(run.blocks[:n], run.hashes_upto(n)):
+            for b, h in zip(np.asarray(run.blocks[:n], dtype=np.int64).tolist(), run.hashes_upto(n)):
                 if run_of.item(b) == run.run_id:
                     out[h] = b
         return out
@@ -408,13 +406,17 @@ class BlockPool:
                 remove(block)
         ref[np.array(blocks, dtype=np.int64)] += 1
 
-    def free_blocks(self, ordered_blocks: Sequence[int]) -> None:
+    def free_blocks(self, ordered_blocks: Sequence[int] | np.ndarray) -> None:
         """Drop one reference from each block; blocks reaching 0 join the queue tail in order.
 
         Callers pass a request's blocks tail first, so a request's last blocks are evicted
-        before its (more shareable) first blocks. A block may appear once per call.
+        before its (more shareable) first blocks. A block may appear once per call. An int64
+        array is used as is (not modified).
         """
-        idx = np.fromiter(ordered_blocks, np.int64, len(ordered_blocks))
+        if isinstance(ordered_blocks, np.ndarray):
+            idx = ordered_blocks
+        else:
+            idx = np.fromiter(ordered_blocks, np.int64, len(ordered_blocks))
         ref = self.ref_cnt[idx]
         if not _count_nonzero(ref != 1):  # the common case: nobody else holds any of them
             self.ref_cnt[idx] = 0

@@ -219,11 +219,19 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Release a request's blocks, tail first (its tail is least likely to be shared)."""
-        blocks = self.req_to_block_ids.get(request.request_id)
+        rid = request.request_id
+        blocks = self.req_to_block_ids.get(rid)
         if blocks is None:
             return
-        self.block_pool.free_blocks(blocks[::-1])
-        self._drop(request.request_id)
+        ordered = np.fromiter(reversed(blocks), np.int64, len(blocks))
+        run = self.req_to_run.get(rid)
+        if run is not None:
+            # The run outlives the request (its cached blocks stay findable until evicted): it
+            # keeps the ids as an array, so the list and its ints are freed now, while they are
+            # in cache, not when the run is pruned (that was ~3% of a simulation).
+            run.blocks = ordered[::-1]
+        self.block_pool.free_blocks(ordered)
+        self._drop(rid)
 
     def reset_prefix_cache(self) -> int:
         return self.block_pool.reset_prefix_cache()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
+from collections import deque
 from collections.abc import Iterator
 from functools import partial
 
@@ -554,21 +555,22 @@ class LazyDecodeScheduler(Scheduler):
         finish_at = self._finish_at
         tables: list[list[int]] = []  # one entry per block to take, in order
         through: dict[int, int] = {}  # finish step -> blocks taken up to it
+        state = parked.__getitem__
         for s in range(s0 + 1, s0 + k + 1):
-            for r in phases[-s % bs]:
-                st = parked[r]
-                # Edges come at multiples of bs, so a request's earlier take in this run (not
-                # appended yet) never changes whether this one is needed.
-                if st.c0 + s - st.p >= len(st.block_ids) * bs and s <= st.finish:
-                    tables.append(st.block_ids)
+            bucket = phases[-s % bs]
+            if bucket:
+                for st in map(state, bucket):
+                    # Edges come at multiples of bs, so a request's earlier take in this run (not
+                    # appended yet) never changes whether this one is needed.
+                    if st.c0 + s - st.p >= len(st.block_ids) * bs and s <= st.finish:
+                        tables.append(st.block_ids)
             if s in finish_at:
                 through[s] = len(tables)
         n = len(tables)
         if n > kv.num_free_blocks:
             return None
-        if tables:
-            for table, block in zip(tables, kv.block_pool.get_new_blocks(n)):
-                table.append(block)
+        if tables:  # each table appends its block, in C
+            deque(map(list.append, tables, kv.block_pool.get_new_blocks(n)), 0)
         return {f: n - t for f, t in through.items()}
 
     def _takes_within(self, k: int) -> int:
