@@ -239,7 +239,13 @@ class Simulation:
         self.stop_issuing_at = stop_issuing_at  # closed loop: users issue nothing at or after this time
         self.num_not_issued = 0
         self.on_progress = on_progress
+        # Known arrivals, (time, sequence number, request), popped in that order: those known at
+        # the start in a sorted list read from ``_start_at`` on (O(1) a pop: they are most or
+        # all of them), and a heap of those issued during the run (a closed loop's next turns).
+        self._at_start: list[tuple[float, int, Request]] = []
+        self._start_at = 0
         self._arrivals: list[tuple[float, int, Request]] = []
+        self._next_time = math.inf  # time of the next known arrival
         # With one replica and no closed loop, a replica sleeping through an arrival needs no
         # wake-up when its sleep ends right after the step in flight (nothing else can happen
         # at that instant); with several, the wake-up keeps same-instant event order as it was.
@@ -250,20 +256,24 @@ class Simulation:
         self._sleeping_until: float | None = None  # arrival process sleeps until this time
         self._total = len(requests) + sum(len(s) for s in closed_loop)
         self._done = 0
-        for r in requests:
-            self._push(r, r.arrival_time)
+        firsts = list(requests)
         for session in closed_loop:  # a user's later requests are pushed when the previous one finishes
             if not session:
                 continue
             for a, b in zip(session, session[1:]):
                 self._next_in_session[a.request_id] = b
-            self._push(session[0], session[0].arrival_time)
+            firsts.append(session[0])
+        self._at_start = sorted((r.arrival_time, seq, r) for seq, r in enumerate(firsts))  # seq: unique
+        self._seq = len(firsts)
+        self._next_time = self._at_start[0][0] if self._at_start else math.inf
         self._arrival_proc = self.env.process(self._arrival_process())
 
     def _push(self, request: Request, t: float) -> None:
         request.arrival_time = t
         heapq.heappush(self._arrivals, (t, self._seq, request))
         self._seq += 1
+        if t < self._next_time:
+            self._next_time = t
         if self._idle_event is not None and not self._idle_event.triggered:
             self._idle_event.succeed()
         elif self._sleeping_until is not None and t < self._sleeping_until:
@@ -271,21 +281,35 @@ class Simulation:
 
     def next_arrival(self) -> float:
         """Time of the next known arrival (inf if none is known yet)."""
-        return self._arrivals[0][0] if self._arrivals else math.inf
+        return self._next_time
+
+    def _pop_arrival(self) -> Request:
+        """The next known arrival (the earliest; the first known among equal times)."""
+        i = self._start_at
+        start = self._at_start
+        heap = self._arrivals
+        if i < len(start) and not (heap and heap[0][:2] < start[i][:2]):
+            req = start[i][2]
+            self._start_at = i = i + 1
+        else:
+            req = heapq.heappop(heap)[2]
+        t = start[i][0] if i < len(start) else math.inf
+        self._next_time = heap[0][0] if heap and heap[0][0] < t else t
+        return req
 
     def _arrival_process(self):
         env = self.env
-        arrivals = self._arrivals
         replicas = self.replicas
+        inf = math.inf
         while True:
-            if not arrivals:
+            t = self._next_time
+            if t == inf:  # no arrival known
                 if self._done >= self._total:
                     return
                 self._idle_event = env.event()
                 yield self._idle_event
                 self._idle_event = None
                 continue
-            t = arrivals[0][0]
             if t > env.now:
                 # Yield the urgent timeout itself (not a condition on it): a condition would
                 # resume this process at normal priority, after a replica step of the same instant.
@@ -296,7 +320,7 @@ class Simulation:
                     pass
                 self._sleeping_until = None
                 continue
-            _, _, req = heapq.heappop(arrivals)
+            req = self._pop_arrival()
             for rep in replicas:
                 rep.sync(env.now)
             idx = self.router.route(req, self._engines)  # EngineCore is the router's ReplicaView
