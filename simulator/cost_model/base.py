@@ -23,9 +23,11 @@ OPS: tuple[str, ...] = ("qkv_proj", "o_proj", "mlp", "attn_prefill", "attn_decod
                         "norm_rotary", "sampling", "communication", "cpu_overhead")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchShape:
-    """What a cost model needs from one step, as sums over its requests.
+    """What a cost model needs from one step, as sums over its requests (a value: not to be
+    changed once built; not frozen only because a frozen dataclass takes ~6x longer to build,
+    and the simulator builds one per step).
 
     A request computes ``n`` new tokens after ``c`` cached ones; its context length is
     ``L = c + n``. Requests with ``n == 1`` are *decode* requests (one query row, the
@@ -113,9 +115,10 @@ class BatchShape:
                    p_pairs, max_dec + 1 if num_decode else 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepTiming:
-    """Predicted duration of one step (seconds) and its split by op (keys from ``OPS``)."""
+    """Predicted duration of one step (seconds) and its split by op (keys from ``OPS``); a value,
+    as ``BatchShape``."""
 
     total: float
     breakdown: dict[str, float]

@@ -118,7 +118,9 @@ class RooflineCostModel(CostModel):
         return self._m if num_reqs >= self._m else max(num_reqs, 1)
 
     def step_time(self, batch: BatchShape) -> StepTiming:
-        m = self._microbatches(batch.num_reqs)
+        m = self._m
+        if m > 1:
+            m = self._microbatches(batch.num_reqs)
         # One micro-batch's aggregates (the batch is split evenly).
         t = batch.num_tokens / m
         s = batch.num_sampling / m
@@ -134,7 +136,8 @@ class RooflineCostModel(CostModel):
             else:
                 mlp = max(f * t, w + a * t)
             norm = self._norm_tok * t
-            comm = self._allreduces * ring_allreduce_time(t * self._act_bytes_tok, self._tp, self.hardware)
+            comm = (self._allreduces * ring_allreduce_time(t * self._act_bytes_tok, self._tp, self.hardware)
+                    if self._tp > 1 else 0.0)
         else:
             qkv = o = mlp = norm = comm = 0.0
         attn_p = (max(self._attn_pair * batch.prefill_pairs / m,
