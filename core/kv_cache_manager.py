@@ -69,11 +69,15 @@ class KVCacheManager:
         bs = self.block_size
         if len(request.all_token_ids) < num_blocks * bs and self.fill_tokens is not None:
             self.fill_tokens(request, num_blocks * bs)
-        parent = hashes[-1] if hashes else None
         salt = request.cache_salt
+        tokens = request.all_token_ids
+        if num_blocks == 1 and len(tokens) >= bs:  # the root alone (each admission asks): no chaining set-up
+            hashes.append(hash((None, tuple(tokens[:bs]), salt)))
+            return hashes
+        parent = hashes[-1] if hashes else None
         # A comprehension chaining through ``parent``, over the blocks' token tuples as
         # ``zip`` of one iterator ``bs`` times cuts them (in C): admission hashes ~85 blocks a prompt.
-        it = iter(request.all_token_ids[len(hashes) * bs:num_blocks * bs])
+        it = iter(tokens[len(hashes) * bs:num_blocks * bs])
         hashes.extend([parent := hash((parent, block, salt)) for block in zip(*[it] * bs)])
         return hashes
 
