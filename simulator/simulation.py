@@ -15,7 +15,11 @@ engine runs ``core.lazy_decode.LazyDecodeScheduler``, so steps cost O(what chang
 O(batch); with it off, the plain ``Scheduler``, one event per step: the reference.
 
 Arrivals are scheduled with URGENT priority, so a request that arrives at time t is
-visible to a step that starts at t, in both modes.
+visible to a step that starts at t, in both modes. With one replica and an open loop
+("alone") there is no arrival process: nothing but a known arrival can reach the replica,
+so it adds the requests due (arrived at or before now) itself, before each step, and
+sleeps through runs cut at the next arrival without being woken; the same engine calls in
+the same order, with fewer events.
 """
 from __future__ import annotations
 
@@ -81,8 +85,6 @@ class Replica:
         m = 1 + bisect_left(ends, now, 0, len(ends) - 1) if now > start else 0
         if m:
             self._apply(start, durations[:m], ends[:m])
-        if m == len(ends) and self.sim.quiet_wakeups:
-            return  # the sleep already ends when the last step does (the run was cut at this arrival)
         self._busy_until = ends[m - 1] if m else start
         self.process.interrupt()
 
@@ -121,12 +123,22 @@ class Replica:
         eng = self.engine
         cost = self.backend.cost_model
         ff = self.sim.fast_forward
+        alone = self.sim.alone
+        issue_due = self.sim.issue_due
         while True:
+            if alone:
+                issue_due(env.now)
             if not eng.has_unfinished():
                 idle_from = env.now
-                self.wake = env.event()
-                yield self.wake
-                self.wake = None
+                if alone:
+                    arrival = self.sim.next_arrival()
+                    if arrival == math.inf:
+                        return
+                    yield env.timeout(arrival - env.now)
+                else:
+                    self.wake = env.event()
+                    yield self.wake
+                    self.wake = None
                 cost.note_idle(env.now - idle_from)
                 continue
             if ff:
@@ -174,17 +186,19 @@ class Replica:
         """Sleep through a planned run of decode steps from ``start`` (now, or the end of the
         step in flight), applied when it ends or, up to an arrival, by that arrival's ``sync``.
 
-        With quiet wake-ups (one replica, open loop) nothing but a known arrival can reach the
-        replica, so runs that end before the next arrival are applied at once, back to back
-        (the same calls in the same order as waking at each run's end), and the replica
-        sleeps once until the last of them ends.
+        Alone (one replica, open loop) nothing but a known arrival can reach the replica, so
+        runs that end before the next arrival are applied at once, back to back (the same
+        calls in the same order as waking at each run's end), and the replica sleeps once
+        until the last of them ends; the run in flight at the next arrival is applied when it
+        ends (the replica adds the arrival then).
         """
         env = self.sim.env
         eng = self.engine
         arrival = self.sim.next_arrival()
+        alone = self.sim.alone
         while True:
             self.sim.num_events += 1
-            if not (self.sim.quiet_wakeups and ends[-1] < arrival):
+            if not (alone and ends[-1] < arrival):
                 break
             self._apply(start, durations, ends)
             start = ends[-1]
@@ -197,6 +211,10 @@ class Replica:
         if start < arrival < ends[-1]:
             m = 1 + bisect_left(ends, arrival, 0, len(ends) - 1)
             del durations[m:], ends[m:]
+        if alone:
+            yield env.timeout(ends[-1] - env.now)
+            self._apply(start, durations, ends)
+            return
         self._ff = (start, durations, ends)
         try:
             yield env.timeout(ends[-1] - env.now)
@@ -216,6 +234,10 @@ class Simulation:
     each user's first request arrives at its own arrival_time; nothing is issued at or
     after ``stop_issuing_at``, the closed loop's duration cut-off).
     """
+
+    #: Whether one replica in an open loop issues its arrivals itself (False: the general path
+    #: with an arrival process, as with several replicas; tests compare the two).
+    _alone_when_possible = True
 
     def __init__(self, engines: Sequence[EngineCore], requests: Sequence[Request] = (),
                  router: str = "round_robin", fast_forward: bool = True,
@@ -246,10 +268,9 @@ class Simulation:
         self._start_at = 0
         self._arrivals: list[tuple[float, int, Request]] = []
         self._next_time = math.inf  # time of the next known arrival
-        # With one replica and no closed loop, a replica sleeping through an arrival needs no
-        # wake-up when its sleep ends right after the step in flight (nothing else can happen
-        # at that instant); with several, the wake-up keeps same-instant event order as it was.
-        self.quiet_wakeups = len(engines) == 1 and not closed_loop
+        # One replica and no closed loop: the replica issues the arrivals itself (see the module
+        # docstring); with several, an arrival process wakes them and keeps same-instant order.
+        self.alone = self._alone_when_possible and len(engines) == 1 and not closed_loop
         self._seq = 0
         self._next_in_session: dict[str, Request] = {}
         self._idle_event: simpy.Event | None = None  # arrival process waits here when no arrival is known
@@ -266,7 +287,8 @@ class Simulation:
         self._at_start = sorted((r.arrival_time, seq, r) for seq, r in enumerate(firsts))  # seq: unique
         self._seq = len(firsts)
         self._next_time = self._at_start[0][0] if self._at_start else math.inf
-        self._arrival_proc = self.env.process(self._arrival_process())
+        if not self.alone:
+            self._arrival_proc = self.env.process(self._arrival_process())
 
     def _push(self, request: Request, t: float) -> None:
         request.arrival_time = t
@@ -296,6 +318,14 @@ class Simulation:
         t = start[i][0] if i < len(start) else math.inf
         self._next_time = heap[0][0] if heap and heap[0][0] < t else t
         return req
+
+    def issue_due(self, now: float) -> None:
+        """Alone: route and add the arrivals due at ``now`` (arrived at or before it), in order."""
+        while self._next_time <= now:
+            req = self._pop_arrival()
+            idx = self.router.route(req, self._engines)
+            req.replica = idx
+            self.replicas[idx].add(req)
 
     def _arrival_process(self):
         env = self.env

@@ -147,22 +147,17 @@ def test_closed_loop_duration_cutoff_stops_issuing():
     assert max(r.arrival_time for r in out.result.requests) < 20.0
 
 
-def test_quiet_wakeups_change_no_event(monkeypatch):
-    """One replica, open loop: runs are cut at the next arrival, applied back to back and
-    slept through without interrupts. The same run with those shortcuts off (the general
-    path of several replicas or a closed loop) gives the very same requests and steps."""
+def test_alone_replica_changes_no_event(monkeypatch):
+    """One replica, open loop: the replica issues its arrivals itself, and runs are cut at the
+    next arrival, applied back to back and slept through without interrupts. The same run on
+    the general path (an arrival process that syncs and wakes the replica, as with several
+    replicas or a closed loop) gives the very same requests and steps."""
     import simulator.simulation as simulation
 
     wl = WorkloadConfig(kind="synthetic", rate=20.0, num_requests=150, lengths="uniform", input_range=(32, 600),
                         output_range=(8, 200), system_prompt_lens=(512,), num_turns=2, seed=4)
     quiet = _run(wl, num_gpu_blocks=600)
-    real_init = simulation.Simulation.__init__
-
-    def loud_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self.quiet_wakeups = False
-
-    monkeypatch.setattr(simulation.Simulation, "__init__", loud_init)
+    monkeypatch.setattr(simulation.Simulation, "_alone_when_possible", False)
     loud = _run(wl, num_gpu_blocks=600)
     assert _per_request(quiet) == _per_request(loud)
     assert [dataclasses.astuple(s) for s in quiet.result.steps] == [dataclasses.astuple(s) for s in loud.result.steps]
