@@ -126,8 +126,7 @@ class Replica:
         alone = self.sim.alone
         issue_due = self.sim.issue_due
         while True:
-            if alone:
-                issue_due(env.now)
+            issued = alone and issue_due(env.now)
             if not eng.has_unfinished():
                 idle_from = env.now
                 if alone:
@@ -141,7 +140,7 @@ class Replica:
                     self.wake = None
                 cost.note_idle(env.now - idle_from)
                 continue
-            if ff:
+            if ff and not issued:  # (a request just added waits for a step: no run can start now)
                 durations, ends = self._plan(env.now)
                 if durations:
                     yield from self._fast_forward(env.now, durations, ends)
@@ -319,13 +318,17 @@ class Simulation:
         self._next_time = heap[0][0] if heap and heap[0][0] < t else t
         return req
 
-    def issue_due(self, now: float) -> None:
-        """Alone: route and add the arrivals due at ``now`` (arrived at or before it), in order."""
+    def issue_due(self, now: float) -> bool:
+        """Alone: route and add the arrivals due at ``now`` (arrived at or before it), in order;
+        whether there were any."""
+        if self._next_time > now:
+            return False
         while self._next_time <= now:
             req = self._pop_arrival()
             idx = self.router.route(req, self._engines)
             req.replica = idx
             self.replicas[idx].add(req)
+        return True
 
     def _arrival_process(self):
         env = self.env
