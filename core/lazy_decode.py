@@ -331,6 +331,16 @@ class LazyDecodeScheduler(Scheduler):
                 cache_block(run, i)
                 num_cached[rid] = i + 1
 
+    def _take_blocks(self, bucket: list[Request], s: int) -> None:
+        """``_run_edges`` of step ``s`` when its edges only take blocks: one ``get_new_blocks``,
+        handed out in running order (the same blocks to the same requests: nothing between two
+        takes looks at the pool)."""
+        bs = self.kv.block_size
+        tables = [st.block_ids for st in map(self._parked.__getitem__, bucket)
+                  if st.c0 + s - st.p >= len(st.block_ids) * bs]
+        if tables:
+            deque(map(list.append, tables, self.kv.block_pool.get_new_blocks(len(tables))), 0)
+
     def _block_tokens(self, request: Request, start: int, stop: int) -> tuple[int, ...]:
         """Token ids of the full block at positions ``start:stop`` of a parked request."""
         tokens = request.all_token_ids
@@ -356,7 +366,11 @@ class LazyDecodeScheduler(Scheduler):
         reqs: list[Request] = []
         nums: list[int] = []
         if not active:  # the common case: only parked requests, no merge needed
-            self._run_edges(edges, s)
+            bs = self.kv.block_size
+            if self.kv.enable_prefix_caching and (bs == 1 or self._reg_phases[(bs - 1 - s) % bs]):
+                self._run_edges(edges, s)
+            else:  # only takes (registrations deferred, or none)
+                self._take_blocks(self._phases[-s % bs], s)
             order = []
         elif edges:
             order = sorted(active + edges, key=self._seq.__getitem__)
