@@ -205,6 +205,10 @@ class BlockPool:
     # --- allocation --------------------------------------------------------------------
     def get_new_blocks(self, n: int) -> list[int]:
         """Take ``n`` blocks from the LRU head, evicting their cached content."""
+        if n <= 4:  # one at a time is cheaper than the array operations' fixed costs
+            if n > self.free_block_queue.num_free_blocks:
+                raise RuntimeError(f"cannot get {n} blocks: only {self.free_block_queue.num_free_blocks} free")
+            return [self.get_new_block() for _ in range(n)]
         return self.get_new_block_ids(n).tolist()
 
     def get_new_block_ids(self, n: int) -> np.ndarray:
