@@ -247,13 +247,20 @@ class RooflineCostModel(CostModel):
         sums[at] = (attn * scale).sum()
         return dict(zip(ops, sums.tolist()))
 
-    def _short_run(self, first: float, batch_size: int, sum_context: int, k: int, m: int, stages: int) -> list[float]:
-        # _attn_decode inlined (one call per step was most of the cost): the same float operations
+    def _short_run(self, batch_size: int, sum_context: int, k: int) -> list[float]:
+        """``decode_step_times`` of a short run (``0 < k <= _SHORT_RUN``, ``batch_size > 0``) in plain
+        Python: the same float operations as the array version, ``_attn_decode`` inlined (a call
+        per step was most of the cost), the first step's total summed as ``_decode_total`` sums it
+        (its decode attention is ``attn[0]``)."""
+        _, m, stages, head, tail = self._decode_base(batch_size)
         pair, per_ctx, per_req = self._attn_pair, self._attn_ctx, self._attn_tok * (batch_size / m)
         attn = []
         for j in range(k):
             context = (sum_context + batch_size * float(j)) / m
             attn.append(stages * max(pair * context, per_ctx * context + per_req))
+        first = head + attn[0]
+        for t in tail:
+            first += t
         rest = first - attn[0]
         return [rest + a for a in attn]
 
@@ -261,8 +268,7 @@ class RooflineCostModel(CostModel):
                                max_context: int | None = None) -> list[float]:
         """``decode_step_times(...).tolist()``, with no array for a short run (the same floats)."""
         if batch_size and 0 < k <= _SHORT_RUN:
-            _, m, c, _, _ = self._decode_base(batch_size)
-            return self._short_run(self._decode_total(batch_size, sum_context)[0], batch_size, sum_context, k, m, c)
+            return self._short_run(batch_size, sum_context, k)
         return self.decode_step_times(batch_size, sum_context, k, max_context).tolist()
 
     def decode_step_times(self, batch_size: int, sum_context: int, k: int,
@@ -273,13 +279,13 @@ class RooflineCostModel(CostModel):
         reads every request's KV, so only the total context matters."""
         if k <= 0:
             return np.empty(0)
+        if batch_size and k <= _SHORT_RUN:  # numpy's per-call cost dominates a short run
+            return np.array(self._short_run(batch_size, sum_context, k))
         first = self.decode_step_timing(batch_size, sum_context)
         if batch_size == 0:
             return np.full(k, first.total)
         m = self._microbatches(batch_size)
         stages = self._pp + m - 1
-        if k <= _SHORT_RUN:  # numpy's per-call cost dominates a short run: the same float ops, one by one
-            return np.array(self._short_run(first.total, batch_size, sum_context, k, m, stages))
         context = (sum_context + batch_size * np.arange(k, dtype=float)) / m
         attn = stages * self._attn_decode(batch_size / m, context, np.maximum)
         return (first.total - attn[0]) + attn
