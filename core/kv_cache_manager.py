@@ -34,6 +34,7 @@ class KVCacheManager:
         self.req_to_block_ids: dict[str, list[int]] = {}
         self.num_cached_blocks: dict[str, int] = {}
         self.req_to_run: dict[str, ChainRun] = {}  # each request's registered chain (prefix caching)
+        self._register_at_free: dict[str, int] = {}  # see register_at_free
         # Set by a scheduler whose requests' token lists can lag their progress (the lazy decode
         # scheduler's parked requests): makes ``all_token_ids`` hold at least n tokens.
         self.fill_tokens: Callable[[Request, int], None] | None = None
@@ -216,6 +217,12 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, self.req_to_block_ids[request.request_id], num_tokens, tokens_known)
 
+    def register_at_free(self, request: Request, num_tokens: int) -> None:
+        """``cache_blocks(request, num_tokens, tokens_known=True)``, applied when the request's
+        blocks are freed, just before (a finished request's last registrations: the free reads
+        its block ids anyway, so they cost no conversion of their own)."""
+        self._register_at_free[request.request_id] = num_tokens
+
     def _drop(self, rid: str) -> None:
         del self.req_to_block_ids[rid]
         del self.num_cached_blocks[rid]
@@ -230,10 +237,14 @@ class KVCacheManager:
         ordered = np.fromiter(reversed(blocks), np.int64, len(blocks))
         run = self.req_to_run.get(rid)
         if run is not None:
+            by_position = ordered[::-1]
+            register = self._register_at_free.pop(rid, 0)
+            if register and self.enable_prefix_caching:
+                self._cache_full_blocks(request, blocks, register, tokens_known=True, new_ids=(0, by_position))
             # The run outlives the request (its cached blocks stay findable until evicted): it
             # keeps the ids as an array, so the list and its ints are freed now, while they are
             # in cache, not when the run is pruned (that was ~3% of a simulation).
-            run.blocks = ordered[::-1]
+            run.blocks = by_position
         self.block_pool.free_blocks(ordered)
         self._drop(rid)
 

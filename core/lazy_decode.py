@@ -128,15 +128,21 @@ class LazyDecodeScheduler(Scheduler):
         if self._apply_deferred(request, end) and end:  # it stays parked, registering at its edges
             self._insort(self._reg_phases[self._parked[request].phase], request)
 
-    def _apply_deferred(self, request: Request, end: bool) -> bool:
-        """``_catch_up``'s registrations (and with ``end`` no more deferring); False if none are deferred."""
+    def _apply_deferred(self, request: Request, end: bool, at_free: bool = False) -> bool:
+        """``_catch_up``'s registrations (and with ``end`` no more deferring); False if none are deferred.
+
+        ``at_free``: the request is freed next (it finished), so its registrations are handed to
+        that free (``KVCacheManager.register_at_free``), which reads its block ids anyway."""
         run = self.kv.req_to_run.get(request.request_id)
         if run is None or run.catch_up is None:
             return False
         st = self._parked[request]
         steps = self.step_id - st.p
         if steps >= 0:  # the oracle knows its tokens: no need to write them for a lazy chain
-            self.kv.cache_blocks(request, st.c0 + steps + 1, tokens_known=True)
+            if at_free:
+                self.kv.register_at_free(request, st.c0 + steps + 1)
+            else:
+                self.kv.cache_blocks(request, st.c0 + steps + 1, tokens_known=True)
         if end:
             run.catch_up = None
         return True
@@ -208,9 +214,10 @@ class LazyDecodeScheduler(Scheduler):
         else:
             bisect.insort(bucket, request, key=seq.__getitem__)
 
-    def _unpark(self, request: Request, last_step: int) -> _Parked:
-        """Take one request out of the lazy state (its finish entry is the caller's), written back."""
-        if not self._apply_deferred(request, True):
+    def _unpark(self, request: Request, last_step: int, finished: bool = False) -> _Parked:
+        """Take one request out of the lazy state (its finish entry is the caller's), written back;
+        ``finished``: it is freed next (see ``_apply_deferred``)."""
+        if not self._apply_deferred(request, True, at_free=finished):
             self._reg_phases[self._parked[request].phase].remove(request)
         st = self._parked.pop(request)
         self._phases[st.phase].remove(request)
@@ -474,7 +481,7 @@ class LazyDecodeScheduler(Scheduler):
             return []
         done.sort(key=self._seq.__getitem__)
         for r in done:
-            self._unpark(r, s)
+            self._unpark(r, s, finished=True)
             if not self._check_stop(r, r.output_token_ids[-1]):
                 raise RuntimeError(f"LazyDecodeScheduler: {r.request_id!r} was due to finish in step {s} "
                                    "but does not; this is a bug")
