@@ -45,14 +45,14 @@ class _Parked:
 
     __slots__ = ("p", "c0", "n0", "finish", "phase", "block_ids", "default_from")
 
-    def __init__(self, p: int, c0: int, n0: int, finish: int, phase: int, block_ids: list[int],
+    def __init__(self, p: int, c0: int, n0: int, finish: int, phase: int, block_ids: array,
                  default_from: int) -> None:
         self.p = p  # first step it advances lazily
         self.c0 = c0  # num_computed_tokens before step p
         self.n0 = n0  # output tokens before step p
         self.finish = finish  # the step that samples its last token
         self.phase = phase  # (c0 - p) % block_size: its bucket
-        # Its KV cache manager block list (the same list object while it stays parked: only a
+        # Its KV cache manager block table (the same object while it stays parked: only a
         # preemption or swap replaces it, and those run the plain way), read at every edge.
         self.block_ids = block_ids
         self.default_from = default_from  # every token from this position on is the default id
@@ -346,7 +346,7 @@ class LazyDecodeScheduler(Scheduler):
         tables = [st.block_ids for st in map(self._parked.__getitem__, bucket)
                   if st.c0 + s - st.p >= len(st.block_ids) * bs]
         if tables:
-            deque(map(list.append, tables, self.kv.block_pool.get_new_blocks(len(tables))), 0)
+            deque(map(array.append, tables, self.kv.block_pool.get_new_blocks(len(tables))), 0)
 
     def _block_tokens(self, request: Request, start: int, stop: int) -> tuple[int, ...]:
         """Token ids of the full block at positions ``start:stop`` of a parked request."""
@@ -574,7 +574,7 @@ class LazyDecodeScheduler(Scheduler):
         parked = self._parked
         phases = self._phases
         finish_at = self._finish_at
-        tables: list[list[int]] = []  # one entry per block to take, in order
+        tables: list[array] = []  # one entry per block to take, in order
         through: dict[int, int] = {}  # finish step -> blocks taken up to it
         state = parked.__getitem__
         for s in range(s0 + 1, s0 + k + 1):
@@ -591,7 +591,7 @@ class LazyDecodeScheduler(Scheduler):
         if n > kv.num_free_blocks:
             return None
         if tables:  # each table appends its block, in C
-            deque(map(list.append, tables, kv.block_pool.get_new_blocks(n)), 0)
+            deque(map(array.append, tables, kv.block_pool.get_new_blocks(n)), 0)
         return {f: n - t for f, t in through.items()}
 
     def _takes_within(self, k: int) -> int:

@@ -7,6 +7,7 @@ because that is what both backends iterate over, and it is cheap to build.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -29,7 +30,8 @@ class SchedulerOutput:
     num_new_tokens: list[int] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
     new_token_ids: list[list[int]] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)  # live references: do not mutate
+    # Live references to the KV cache manager's tables (``array('q')`` of block ids): do not mutate.
+    block_tables: list[Sequence[int]] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
     # Requests first scheduled (or rescheduled after recompute-preemption) this step, with
     # their prefix-cache hits in tokens.

@@ -53,7 +53,7 @@ def test_allocation_grows_by_ceil():
     kv = KVCacheManager(BS, 8)
     r = req("a", P[:20])
     ids = kv.allocate_slots(r, 20)
-    assert ids == [0, 1] and kv.num_free_blocks == 6
+    assert list(ids) == [0, 1] and kv.num_free_blocks == 6
     compute(r)
     sizes = []
     for t in range(20):  # decode 20 tokens: positions 20..39
@@ -63,7 +63,7 @@ def test_allocation_grows_by_ceil():
         sizes.append(len(kv.block_ids("a")))
     # Position 32 (the 13th decode) is the first that needs a third block.
     assert sizes == [2] * 12 + [3] * 8
-    assert kv.block_ids("a") == [0, 1, 2]
+    assert list(kv.block_ids("a")) == [0, 1, 2]
     assert kv.num_blocks_for(0) == 0 and kv.num_blocks_for(1) == 1 and kv.num_blocks_for(16) == 1
     assert kv.num_blocks_for(17) == 2
 
@@ -75,7 +75,7 @@ def test_allocation_returns_live_block_id_list():
     compute(r)
     r.append_output_token(1, 0.0)
     kv.allocate_slots(r, 1)
-    assert ids == [0, 1] and ids is kv.block_ids("a")
+    assert list(ids) == [0, 1] and ids is kv.block_ids("a")
 
 
 def test_short_allocation_returns_none_and_changes_nothing():
@@ -83,14 +83,14 @@ def test_short_allocation_returns_none_and_changes_nothing():
     big = req("big", P[:80])  # needs 5 blocks
     assert kv.allocate_slots(big, 80) is None
     assert kv.num_free_blocks == 4 and free_ids(kv) == [0, 1, 2, 3]
-    assert "big" not in kv.req_to_block_ids and kv.block_ids("big") == []
+    assert "big" not in kv.req_to_block_ids and list(kv.block_ids("big")) == []
     # A request that already holds blocks keeps them unchanged.
     a = req("a", P[:32])
     kv.allocate_slots(a, 32)
     compute(a)
     before = (list(kv.block_ids("a")), kv.num_free_blocks, free_ids(kv), kv.block_pool.cached_blocks())
     assert kv.allocate_slots(a, 48) is None  # 80 tokens in all: 5 blocks
-    assert (kv.block_ids("a"), kv.num_free_blocks, free_ids(kv), kv.block_pool.cached_blocks()) == before
+    assert (list(kv.block_ids("a")), kv.num_free_blocks, free_ids(kv), kv.block_pool.cached_blocks()) == before
 
 
 def test_short_allocation_counts_free_prefix_hits_as_used():
@@ -111,7 +111,7 @@ def test_short_allocation_counts_free_prefix_hits_as_used():
     c = req("c", P[:48] + Q[:16])  # 64 tokens: 3 hits + 1 new block fits exactly
     assert admit(kv, c) == 48
     assert kv.num_free_blocks == 0
-    assert kv.block_ids("c")[:3] == computed
+    assert list(kv.block_ids("c")[:3]) == computed
 
 
 def test_watermark_blocks_admission():
@@ -154,13 +154,13 @@ def test_free_is_tail_first_so_tail_blocks_are_evicted_first():
     run_prompt(kv, a)
     blocks = kv.block_ids("a")
     kv.free(a)
-    assert free_ids(kv) == blocks[::-1]
+    assert free_ids(kv) == list(blocks[::-1])
     assert "a" not in kv.req_to_block_ids
     kv.free(a)  # freeing an unknown request is a no-op
     # One new block evicts a's last block; its first two blocks remain cached.
     other = req("x", Q[:16])
     kv.allocate_slots(other, 16)
-    assert kv.block_ids("x") == [blocks[2]]
+    assert list(kv.block_ids("x")) == [blocks[2]]
     b = req("b", P[:48] + [1])
     assert kv.get_computed_blocks(b)[1] == 32
 
@@ -245,7 +245,7 @@ def test_hit_on_free_blocks_reuses_them_and_counts_refs():
     kv.free(a)
     b = req("b", P[:48] + [1])
     assert run_prompt(kv, b) == 48
-    assert kv.block_ids("b")[:3] == a_ids
+    assert list(kv.block_ids("b")[:3]) == a_ids
     assert kv.block_pool.ref_cnt[a_ids].tolist() == [1, 1, 1]
     assert not set(a_ids) & set(free_ids(kv))
 
@@ -309,7 +309,7 @@ def test_swap_round_trip():
     assert kv.cached_prefix_tokens(P[:41]) == 0
     in_pairs = kv.swap_in(a)
     assert [h for _, h in in_pairs] == host
-    assert [g for g, _ in in_pairs] == kv.block_ids("a")
+    assert [g for g, _ in in_pairs] == list(kv.block_ids("a"))
     assert len(kv.block_ids("a")) == 3
     assert kv.host_pool.num_free_blocks == 4 and a.swap_out_blocks == []
     assert a.num_computed_tokens == 40

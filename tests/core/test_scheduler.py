@@ -230,7 +230,7 @@ def test_swap_preemption_swaps_out_then_in_without_recompute():
     assert [r.request_id for r in finished] == ["a"] and out.blocks_to_swap_in == []
     out, _ = step(s)
     assert [h for _, h in out.blocks_to_swap_in] == host
-    assert [g for g, _ in out.blocks_to_swap_in] == s.kv.block_ids("c")[:2]
+    assert [g for g, _ in out.blocks_to_swap_in] == list(s.kv.block_ids("c")[:2])
     assert out.new_req_ids == ["d"]  # a swapped-in request is resumed, not new
     i = out.req_ids.index("c")
     assert out.num_computed_tokens[i] == 8 and out.num_new_tokens[i] == 1  # no recomputation
@@ -457,7 +457,7 @@ def test_abort_between_schedule_and_update():
     assert finished == []
     assert s.requests["b"].num_output_tokens == 1
     fk.check_invariants(s)
-    assert s.kv.block_ids("a") == []
+    assert list(s.kv.block_ids("a")) == []
 
 
 def test_finished_request_id_can_be_reused_but_live_one_cannot():
