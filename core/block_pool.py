@@ -140,9 +140,10 @@ def as_int64(blocks: Sequence[int]) -> np.ndarray:
 #: ``BlockPool._roots`` value of a root whose entries are in the eager index.
 EAGER = -1
 #: ``BlockPool.run_of`` of a block with no registered content, and of one in the eager index
-#: (its hash in ``block_hash``); a lazy run's blocks hold its id (>= 0).
-NOT_CACHED = -1
-IN_INDEX = -2
+#: (its hash in ``block_hash``); a lazy run's blocks hold its id (>= 1). NOT_CACHED is 0 so
+#: that counting the cached blocks among some is one ``count_nonzero``, with no comparison.
+NOT_CACHED = 0
+IN_INDEX = -1
 
 
 class ChainRun:
@@ -200,7 +201,7 @@ class BlockPool:
         self.cached_block_hash_to_block: dict[int, int] = {}  # the eager index: hash -> block id
         self._roots: dict[int, int] = {}  # root hash -> lazy run id, or EAGER
         self._runs: dict[int, ChainRun] = {}  # lazy runs by id
-        self._next_run_id = 0
+        self._next_run_id = 1  # run ids start above NOT_CACHED
         self._prune_at = 4096
         self.num_evictions = 0
         # Whether any block ever entered the eager index: until then an eviction only unmarks
@@ -228,7 +229,7 @@ class BlockPool:
             raise RuntimeError(f"cannot get {n} blocks: only {queue.num_free_blocks} free")
         ids = queue.popleft_n(n)
         state = self.run_of[ids]
-        num_cached = n - _count_nonzero(state == NOT_CACHED)
+        num_cached = _count_nonzero(state)  # NOT_CACHED is 0
         if num_cached:
             if not self._any_in_index:
                 self.run_of[ids] = NOT_CACHED  # the uncached ones already are
@@ -386,7 +387,7 @@ class BlockPool:
 
     def _prune_runs(self) -> None:
         """Forget lazy runs none of whose blocks is cached any more (they index nothing)."""
-        marked = self.run_of[self.run_of >= 0]
+        marked = self.run_of[self.run_of > 0]
         live = np.bincount(marked, minlength=self._next_run_id).tolist()
         for run_id in [r for r in self._runs if not live[r]]:
             del self._roots[self._runs.pop(run_id).root]

@@ -244,7 +244,7 @@ class KVCacheManager:
         register = self._register_at_free.pop(rid, 0)
         if register and self.enable_prefix_caching:
             self._cache_full_blocks(request, blocks, register, tokens_known=True, new_ids=(0, by_position))
-        self.block_pool.free_blocks(by_position[::-1])
+        self.block_pool.free_blocks(by_position[::-1].copy())  # contiguous: it indexes three arrays
         self._drop(rid)
 
     def reset_prefix_cache(self) -> int:

@@ -142,7 +142,7 @@ def check_invariants(sched: Scheduler) -> None:
     assert sorted(queue) == zero
     assert ((pool.run_of == IN_INDEX) == (pool.block_hash != NO_HASH)).all()
     for h, b in pool.cached_blocks().items():  # lazily indexed blocks have no block_hash yet
-        assert pool.block_hash[b] == h or (pool.block_hash[b] == NO_HASH and pool.run_of[b] >= 0)
+        assert pool.block_hash[b] == h or (pool.block_hash[b] == NO_HASH and pool.run_of[b] > 0)
     # Running requests own enough blocks for what they computed.
     for r in sched.running:
         assert r.status == RequestStatus.RUNNING

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.block_pool import NO_HASH, BlockPool, FreeBlockQueue, HostBlockPool
+from core.block_pool import IN_INDEX, NO_HASH, NOT_CACHED, BlockPool, FreeBlockQueue, HostBlockPool
 
 
 def ids(pool: BlockPool) -> list[int]:
@@ -169,12 +169,12 @@ def test_a_lone_chain_stays_out_of_the_dict_until_looked_up():
     pool = BlockPool(4)
     blocks = pool.get_new_blocks(3)
     register(pool, blocks, [7, 8, 9])
-    assert pool.cached_block_hash_to_block == {} and pool.run_of.tolist() == [0, 0, 0, -1]
+    assert pool.cached_block_hash_to_block == {} and pool.run_of.tolist() == [1, 1, 1, NOT_CACHED]
     assert pool.cached_blocks() == {7: 0, 8: 1, 9: 2}
     assert pool.find_cached_prefix([70], 1) == []  # another root: still lazy
     assert pool.cached_block_hash_to_block == {}
     assert pool.find_cached_prefix([7, 8, 9], 2) == [0, 1]
-    assert pool.cached_block_hash_to_block == {7: 0, 8: 1, 9: 2} and pool.run_of.tolist() == [-2, -2, -2, -1]
+    assert pool.cached_block_hash_to_block == {7: 0, 8: 1, 9: 2} and pool.run_of.tolist() == [IN_INDEX] * 3 + [NOT_CACHED]
     assert pool.block_hash.tolist() == [7, 8, 9, NO_HASH]
 
 
