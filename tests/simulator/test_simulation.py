@@ -183,3 +183,28 @@ def test_runs_through_finishes_change_no_result(case, monkeypatch):
            [dataclasses.astuple(s) for s in stopping.result.steps]
     assert through.result.breakdown == stopping.result.breakdown
     assert through.result.num_events < stopping.result.num_events
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_requests_given_out_of_arrival_order_run_in_arrival_order(monkeypatch, dp):
+    """The simulation sorts the arrivals it is given (one replica issues them itself, several
+    get them from an arrival process): a shuffled request list gives the same results."""
+    import random
+
+    import simulator.runner as runner
+
+    wl = WorkloadConfig(kind="synthetic", rate=30.0, num_requests=120, lengths="uniform", input_range=(16, 300),
+                        output_range=(4, 80), seed=11)
+    kw = dict(parallel=ParallelSpec(dp=dp), num_gpu_blocks=400)
+    ordered = _run(wl, **kw)
+    real = runner.build_requests
+
+    def shuffled(workload):
+        requests, sessions = real(workload)
+        random.Random(3).shuffle(requests)
+        return requests, sessions
+
+    monkeypatch.setattr(runner, "build_requests", shuffled)
+    out = _run(wl, **kw)
+    assert _per_request(out) == _per_request(ordered)
+    assert [dataclasses.astuple(s) for s in out.result.steps] == [dataclasses.astuple(s) for s in ordered.result.steps]
