@@ -1,10 +1,13 @@
 """Simulator speed: N requests with Azure 2023 conv lengths, Poisson at ~80% of capacity.
 
-Usage: python -m experiments.bench_sim [--num-requests 10000] [--rate R] [--profile]
+Usage: python -m experiments.bench_sim [--num-requests 10000] [--rate R] [--repeat 3] [--profile]
 
 Llama-3.1-8B on one H100, vLLM-like defaults with prefix caching. The event-loop time
-covers the SimPy run (scheduling, cost model, metrics not included); the process time
-counts from interpreter start, imports included. Without --rate the capacity is first
+covers the SimPy run (scheduling, cost model, metrics not included): the median of
+``--repeat`` loops, each on a freshly built workload and engine (a shared 2-core machine's
+speed moves by ~15% from minute to minute; every loop's time is kept in the JSON). The
+process time counts from interpreter start to the end of the first simulation's metrics,
+imports included. Without --rate the capacity is first
 measured by an overloaded probe run (3,000 requests) in a child process and the rate set
 to 80% of it; the process time leaves out the wait for that child (``probe_s``).
 """
@@ -15,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -48,15 +52,51 @@ def _probe_capacity(cfg: SimulationConfig) -> float:
     return float(child.stdout.strip().splitlines()[-1])
 
 
+def _loop(cfg: SimulationConfig, num_requests: int, rate: float, profile: bool = False):
+    """Build the workload and one engine, then time the event loop: (result, loop s, loop CPU s, build s)."""
+    import dataclasses
+
+    from core.config import CacheConfig
+    from simulator.runner import EngineCore, SimBackend, get_hardware, get_model, make_cost_model, num_kv_blocks
+
+    t_build = time.perf_counter()
+    requests, _ = build_requests(_workload(num_requests, rate))
+    if len(requests) != num_requests:
+        raise SystemExit(f"workload has {len(requests)} requests, asked for {num_requests}")
+    build_s = time.perf_counter() - t_build
+    model, hw = get_model(cfg.model), get_hardware(cfg.hardware)
+    blocks = num_kv_blocks(model, hw, 1, 1, cfg.block_size, cfg.gpu_memory_utilization)
+    engine = EngineCore(dataclasses.replace(cfg.scheduler), CacheConfig(cfg.block_size, blocks),
+                        SimBackend(make_cost_model("roofline", model, hw)))
+    sim = Simulation([engine], requests, fast_forward=cfg.fast_forward)
+    profiler = None
+    if profile:
+        from pyinstrument import Profiler
+        profiler = Profiler()
+        profiler.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = sim.run()
+    loop, loop_cpu = time.perf_counter() - t0, time.process_time() - c0
+    if profiler is not None:
+        profiler.stop()
+        print(profiler.output_text(unicode=False, color=False, show_all=False))
+    return result, loop, loop_cpu, build_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-requests", type=int, default=10_000)
     ap.add_argument("--rate", type=float, default=None, help="req/s; default: 80%% of measured capacity")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="event loops to time, each on a fresh workload and engine (default 3); the median is "
+                         "reported, all are listed; the process time is taken after the first")
     ap.add_argument("--no-fast-forward", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="profile the event loop with pyinstrument")
+    ap.add_argument("--profile", action="store_true", help="profile the (first) event loop with pyinstrument")
     ap.add_argument("--out", default=None, help="JSON file to write (default: experiments/results/bench_sim_N.json)")
     ap.add_argument("--probe", action="store_true", help="only print the capacity probe's requests/s")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     cfg = SimulationConfig(model="Llama-3.1-8B", hardware="H100", fast_forward=not args.no_fast_forward,
                            record_steps=True)
     if args.probe:
@@ -70,44 +110,35 @@ def main() -> None:
         capacity = _probe_capacity(cfg)
         probe_s = time.perf_counter() - t_probe
         rate = round(0.8 * capacity, 2)
-    t_build = time.perf_counter()
-    workload = _workload(args.num_requests, rate)
-    requests, _ = build_requests(workload)
-    if len(requests) != args.num_requests:
-        raise SystemExit(f"workload has {len(requests)} requests, asked for {args.num_requests}")
-    t_built = time.perf_counter()
-    gc.freeze()  # as run_simulation does: the collector stops re-walking the requests' token lists
-    from simulator.runner import EngineCore, SimBackend, make_cost_model, get_model, get_hardware, num_kv_blocks
-    from core.config import CacheConfig
-    import dataclasses
-    model, hw = get_model(cfg.model), get_hardware(cfg.hardware)
-    blocks = num_kv_blocks(model, hw, 1, 1, cfg.block_size, cfg.gpu_memory_utilization)
-    engine = EngineCore(dataclasses.replace(cfg.scheduler), CacheConfig(cfg.block_size, blocks),
-                        SimBackend(make_cost_model("roofline", model, hw)))
-    sim = Simulation([engine], requests, fast_forward=cfg.fast_forward)
-    profiler = None
-    if args.profile:
-        from pyinstrument import Profiler
-        profiler = Profiler()
-        profiler.start()
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = sim.run()
-    loop = time.perf_counter() - t0
-    loop_cpu = time.process_time() - c0
-    if profiler is not None:
-        profiler.stop()
-        print(profiler.output_text(unicode=False, color=False, show_all=False))
     from core.metrics import summarize
-    metrics = summarize(result.requests, result.steps)
-    process = _process_age() - probe_s
-    process_cpu = time.process_time()
+
+    loops, cpu_loops = [], []
+    for i in range(args.repeat):
+        gc.freeze()  # as run_simulation does: the collector stops re-walking the requests' token lists
+        try:
+            result, loop, loop_cpu, build_s = _loop(cfg, args.num_requests, rate, profile=args.profile and i == 0)
+            if i == 0:
+                metrics = summarize(result.requests, result.steps)
+                process = _process_age() - probe_s  # one whole simulation, imports included
+                process_cpu = time.process_time()
+                first = {"workload_build_s": build_s, "events": result.num_events,
+                         "engine_steps": sum(s.num_steps for s in result.steps), "simulated_s": result.duration}
+        finally:
+            gc.unfreeze()
+        del result
+        loops.append(loop)
+        cpu_loops.append(loop_cpu)
+        if args.repeat > 1:
+            print(f"event loop {i + 1}/{args.repeat}: {loop:.3f} s", file=sys.stderr)
+    loop, loop_cpu = statistics.median(loops), statistics.median(cpu_loops)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {
         "num_requests": args.num_requests, "rate": rate, "measured_capacity_req_s": capacity,
-        "fast_forward": cfg.fast_forward, "event_loop_s": loop, "event_loop_cpu_s": loop_cpu, "workload_build_s": t_built - t_build,
-        "process_s": process, "process_cpu_s": process_cpu, "probe_s": probe_s, "events": result.num_events,
-        "engine_steps": sum(s.num_steps for s in result.steps), "simulated_s": result.duration,
-        "sim_requests_per_s": args.num_requests / loop, "sim_requests_per_cpu_s": args.num_requests / loop_cpu, "request_throughput": metrics["request_throughput"],
+        "fast_forward": cfg.fast_forward, "repeat": args.repeat, "event_loop_s": loop,
+        "event_loop_runs_s": loops, "event_loop_cpu_s": loop_cpu, **first,
+        "process_s": process, "process_cpu_s": process_cpu, "probe_s": probe_s,
+        "sim_requests_per_s": args.num_requests / loop, "sim_requests_per_cpu_s": args.num_requests / loop_cpu,
+        "request_throughput": metrics["request_throughput"],
         "median_ttft_ms": metrics["median_ttft_ms"], "median_tpot_ms": metrics["median_tpot_ms"],
         "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
