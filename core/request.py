@@ -27,21 +27,6 @@ class RequestStatus(enum.IntEnum):
         return self >= RequestStatus.FINISHED_LENGTH
 
 
-#: Output slots reserved in a new request's ``all_token_ids`` (at most).
-_MAX_ROOM = 1024
-
-
-def _with_room(prompt_token_ids: list[int], max_tokens: int) -> list[int]:
-    """A copy of the prompt with capacity for ``max_tokens`` more ids (up to ``_MAX_ROOM``):
-    appending the outputs then never reallocates the list, which copies the whole prompt (a
-    copy of a list is exactly its size; a simulation paid ~2% of its time for that)."""
-    n = len(prompt_token_ids)
-    room = min(max_tokens, _MAX_ROOM, n)  # del keeps the capacity when n >= half of it
-    tokens = prompt_token_ids + [0] * room
-    del tokens[n:]
-    return tokens
-
-
 class Request:
     """One generation request. Mutable; owned by the engine while it is live.
 
@@ -89,7 +74,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.output_token_ids: list[int] = []
-        self.all_token_ids: list[int] = _with_room(prompt_token_ids, self.sampling_params.max_tokens)
+        self.all_token_ids: list[int] = list(prompt_token_ids)
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.token_times = array("d")
