@@ -43,10 +43,10 @@ from core.scheduler_output import SchedulerOutput, StepResult
 class _Parked:
     """Where a parked request stood when it was parked (see the module docstring)."""
 
-    __slots__ = ("p", "c0", "n0", "finish", "phase", "block_ids", "default_from")
+    __slots__ = ("p", "c0", "n0", "finish", "phase", "block_ids", "default_from", "spare")
 
     def __init__(self, p: int, c0: int, n0: int, finish: int, phase: int, block_ids: array,
-                 default_from: int) -> None:
+                 default_from: int, spare: bool) -> None:
         self.p = p  # first step it advances lazily
         self.c0 = c0  # num_computed_tokens before step p
         self.n0 = n0  # output tokens before step p
@@ -56,6 +56,9 @@ class _Parked:
         # preemption or swap replaces it, and those run the plain way), read at every edge.
         self.block_ids = block_ids
         self.default_from = default_from  # every token from this position on is the default id
+        # It holds blocks past those of positions < c0 (reserved ahead): some of its edges take no
+        # block. Without spare blocks every edge takes one (its table ends where it writes next).
+        self.spare = spare
 
 
 class LazyDecodeScheduler(Scheduler):
@@ -68,6 +71,11 @@ class LazyDecodeScheduler(Scheduler):
         self._default_block = (default_token_id,) * cache_config.block_size
         self._parked: dict[Request, _Parked] = {}
         self._phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]  # sorted by _seq
+        # The same buckets' block tables, entry by entry: a step's takes hand blocks to a bucket's
+        # tables in C. ``_num_spare``: parked requests holding blocks past their next edge (reserved
+        # ahead: Orca, static batching), whose edges may need no block (the others' always do).
+        self._phase_tables: list[list[array]] = [[] for _ in range(cache_config.block_size)]
+        self._num_spare = 0
         # The parked requests whose block registrations run at their edges; the others' are
         # deferred (see _defer_registrations), in the same phase buckets, also sorted by _seq.
         self._reg_phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]
@@ -188,10 +196,13 @@ class LazyDecodeScheduler(Scheduler):
         rid = request.request_id
         default_from = max(len(request.all_token_ids),
                            len(request.prompt_token_ids) + len(request.forced_output_token_ids or ()))
-        st = _Parked(p, c0, n0, p + last, (c0 - p) % kv.block_size, kv.req_to_block_ids[rid], default_from)
+        bs = kv.block_size
+        table = kv.req_to_block_ids[rid]
+        st = _Parked(p, c0, n0, p + last, (c0 - p) % bs, table, default_from, len(table) > -(-c0 // bs))
         self._parked[request] = st
         seq = self._seq[request]
-        self._insort(self._phases[st.phase], request)
+        self._insort(self._phases[st.phase], request, self._phase_tables[st.phase], table)
+        self._num_spare += st.spare
         run = kv.req_to_run.get(rid)
         if self._defer and run is not None and not run.eager:
             run.catch_up = partial(self._catch_up, request)
@@ -206,13 +217,20 @@ class LazyDecodeScheduler(Scheduler):
         self._offset_sum += c0 - p
         bisect.insort(self._offsets, (p - c0, seq, request))
 
-    def _insort(self, bucket: list[Request], request: Request) -> None:
-        """Insert into a phase bucket in running order (usually at its end: the newest admission)."""
+    def _insort(self, bucket: list[Request], request: Request, tables: list[array] | None = None,
+                table: array | None = None) -> None:
+        """Insert into a phase bucket in running order (usually at its end: the newest admission),
+        and ``table`` into its parallel ``tables`` at the same index."""
         seq = self._seq
         if not bucket or seq[bucket[-1]] < seq[request]:
             bucket.append(request)
+            if tables is not None:
+                tables.append(table)
         else:
-            bisect.insort(bucket, request, key=seq.__getitem__)
+            i = bisect.bisect_right(bucket, seq[request], key=seq.__getitem__)
+            bucket.insert(i, request)
+            if tables is not None:
+                tables.insert(i, table)
 
     def _unpark(self, request: Request, last_step: int, finished: bool = False) -> _Parked:
         """Take one request out of the lazy state (its finish entry is the caller's), written back;
@@ -220,7 +238,10 @@ class LazyDecodeScheduler(Scheduler):
         if not self._apply_deferred(request, True, at_free=finished):
             self._reg_phases[self._parked[request].phase].remove(request)
         st = self._parked.pop(request)
-        self._phases[st.phase].remove(request)
+        bucket = self._phases[st.phase]
+        i = bucket.index(request)
+        del bucket[i], self._phase_tables[st.phase][i]
+        self._num_spare -= st.spare
         self._offset_sum -= st.c0 - st.p
         offsets = self._offsets
         del offsets[bisect.bisect_left(offsets, (st.p - st.c0, self._seq[request], request))]
@@ -236,8 +257,9 @@ class LazyDecodeScheduler(Scheduler):
             self._apply_deferred(request, True)
             self._write_back(request, st, last)
         self._parked.clear()
-        for bucket in self._phases + self._reg_phases:
+        for bucket in self._phases + self._reg_phases + self._phase_tables:
             bucket.clear()
+        self._num_spare = 0
         self._finish_at.clear()
         self._finish_steps.clear()
         self._offsets.clear()
@@ -338,13 +360,15 @@ class LazyDecodeScheduler(Scheduler):
                 cache_block(run, i)
                 num_cached[rid] = i + 1
 
-    def _take_blocks(self, bucket: list[Request], s: int) -> None:
-        """``_run_edges`` of step ``s`` when its edges only take blocks: one ``get_new_blocks``,
-        handed out in running order (the same blocks to the same requests: nothing between two
-        takes looks at the pool)."""
-        bs = self.kv.block_size
-        tables = [st.block_ids for st in map(self._parked.__getitem__, bucket)
-                  if st.c0 + s - st.p >= len(st.block_ids) * bs]
+    def _take_blocks(self, phase: int, s: int) -> None:
+        """``_run_edges`` of step ``s`` (whose edges are bucket ``phase``'s) when they only take
+        blocks: one ``get_new_blocks``, handed out in running order (the same blocks to the same
+        requests: nothing between two takes looks at the pool)."""
+        tables = self._phase_tables[phase]
+        if self._num_spare:  # some may hold the block already
+            bs = self.kv.block_size
+            tables = [st.block_ids for st in map(self._parked.__getitem__, self._phases[phase])
+                      if st.c0 + s - st.p >= len(st.block_ids) * bs]
         if tables:
             deque(map(array.append, tables, self.kv.block_pool.get_new_blocks(len(tables))), 0)
 
@@ -377,7 +401,7 @@ class LazyDecodeScheduler(Scheduler):
             if self.kv.enable_prefix_caching and (bs == 1 or self._reg_phases[(bs - 1 - s) % bs]):
                 self._run_edges(edges, s)
             else:  # only takes (registrations deferred, or none)
-                self._take_blocks(self._phases[-s % bs], s)
+                self._take_blocks(-s % bs, s)
             order = []
         elif edges:
             order = sorted(active + edges, key=self._seq.__getitem__)
@@ -573,14 +597,19 @@ class LazyDecodeScheduler(Scheduler):
             return None
         parked = self._parked
         phases = self._phases
+        phase_tables = self._phase_tables
         finish_at = self._finish_at
         tables: list[array] = []  # one entry per block to take, in order
         through: dict[int, int] = {}  # finish step -> blocks taken up to it
         state = parked.__getitem__
+        # Up to the first finish every parked request is still there; without spare blocks each
+        # edge takes a block: a step's takes are its bucket's tables, as they stand.
+        whole_buckets = s0 if self._num_spare else min(s0 + k, self._next_finish())
         for s in range(s0 + 1, s0 + k + 1):
-            bucket = phases[-s % bs]
-            if bucket:
-                for st in map(state, bucket):
+            if s <= whole_buckets:
+                tables += phase_tables[-s % bs]
+            else:
+                for st in map(state, phases[-s % bs]):
                     # Edges come at multiples of bs, so a request's earlier take in this run (not
                     # appended yet) never changes whether this one is needed.
                     if st.c0 + s - st.p >= len(st.block_ids) * bs and s <= st.finish:
