@@ -151,10 +151,9 @@ class ChainRun:
 
     ``blocks`` is the request's block table (by position, only ever appended to: the KV cache
     manager's ``array('q')``, or any sequence of ints); positions ``[0, num_blocks)`` are
-    registered. ``hashes_upto(n)`` returns the chain's
-    hashes, computed (and cached on the request) for at least ``n`` blocks. While ``eager``
-    is False the run is lazy: its blocks are marked in ``BlockPool.run_of`` and their
-    hashes are not even computed (see ``BlockPool``).
+    registered. ``hashes_upto(n)`` returns the chain's hashes, computed (and cached on the
+    request) for at least ``n`` blocks. While ``eager`` is False the run is lazy: its blocks
+    are marked in ``BlockPool.run_of`` and their hashes are not even computed (see ``BlockPool``).
     """
 
     __slots__ = ("run_id", "root", "blocks", "hashes_upto", "num_blocks", "eager", "catch_up")

@@ -72,8 +72,8 @@ class LazyDecodeScheduler(Scheduler):
         self._parked: dict[Request, _Parked] = {}
         self._phases: list[list[Request]] = [[] for _ in range(cache_config.block_size)]  # sorted by _seq
         # The same buckets' block tables, entry by entry: a step's takes hand blocks to a bucket's
-        # tables in C. ``_num_spare``: parked requests holding blocks past their next edge (reserved
-        # ahead: Orca, static batching), whose edges may need no block (the others' always do).
+        # tables in C. ``_num_spare``: parked requests with spare blocks (``_Parked.spare``: reserved
+        # ahead, as Orca and static batching do), whose edges may need no block (the others' always do).
         self._phase_tables: list[list[array]] = [[] for _ in range(cache_config.block_size)]
         self._num_spare = 0
         # The parked requests whose block registrations run at their edges; the others' are

@@ -205,8 +205,8 @@ class Replica:
             if not durations:
                 yield env.timeout(start - env.now)
                 return
-        # Steps that start after the next known arrival would be discarded by its sync:
-        # end the run with the step in flight then.
+        # Steps that start after the next known arrival cannot run as planned (the arrival joins
+        # the batch after the step in flight then; its sync would discard them): end the run there.
         if start < arrival < ends[-1]:
             m = 1 + bisect_left(ends, arrival, 0, len(ends) - 1)
             del durations[m:], ends[m:]
