@@ -5,7 +5,7 @@ Usage: python -m experiments.bench_sim [--num-requests 10000] [--rate R] [--repe
 Llama-3.1-8B on one H100, vLLM-like defaults with prefix caching. The event-loop time
 covers the SimPy run (scheduling, cost model, metrics not included): the median of
 ``--repeat`` loops, each on a freshly built workload and engine (a shared 2-core machine's
-speed moves by ~15% from minute to minute; every loop's time is kept in the JSON). The
+speed moves by 15-40% from minute to minute; every loop's time is kept in the JSON). The
 process time counts from interpreter start to the end of the first simulation's metrics,
 imports included. Without --rate the capacity is first
 measured by an overloaded probe run (3,000 requests) in a child process and the rate set
