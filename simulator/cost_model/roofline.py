@@ -46,6 +46,14 @@ _LOGIT_BYTES = 4
 _SHORT_RUN = 32
 
 
+def _summed(head: float, attn: float, tail: tuple[float, ...]) -> float:
+    """A decode step's total from its memo (``_decode_base``): the split's additions in its order."""
+    total = head + attn
+    for t in tail:
+        total += t
+    return total
+
+
 class RooflineCostModel(CostModel):
     """Roofline step time of ``model`` on ``hardware`` split by ``parallel``.
 
@@ -197,10 +205,7 @@ class RooflineCostModel(CostModel):
         """(total, decode attention) of a decode step: ``decode_step_timing(...).total`` exactly."""
         _, m, c, head, tail = self._decode_base(batch_size)
         attn = c * self._attn_decode(batch_size / m, sum_context / m, max)
-        total = head + attn
-        for t in tail:
-            total += t
-        return total, attn
+        return _summed(head, attn, tail), attn
 
     def decode_step_timing(self, batch_size: int, sum_context: int, max_context: int | None = None) -> StepTiming:
         """``step_time`` of a pure-decode step, from a per-batch-size memo of every op but decode
@@ -258,10 +263,7 @@ class RooflineCostModel(CostModel):
         for j in range(k):
             context = (sum_context + batch_size * float(j)) / m
             attn.append(stages * max(pair * context, per_ctx * context + per_req))
-        first = head + attn[0]
-        for t in tail:
-            first += t
-        rest = first - attn[0]
+        rest = _summed(head, attn[0], tail) - attn[0]
         return [rest + a for a in attn]
 
     def decode_step_times_list(self, batch_size: int, sum_context: int, k: int,
