@@ -6,7 +6,6 @@ passes ``env.now``, the real driver the wall clock since the run started.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -183,7 +182,6 @@ class EngineCore:
         return self.scheduler.decode_horizon()
 
     def apply_decode_steps(self, now: float, durations: list[float], token_ids: list[list[int]] | None,
-                           breakdowns: Sequence[dict[str, float]] = (),
                            ends: list[float] | None = None) -> list[Request]:
         """Apply ``len(durations)`` decode steps starting at ``now`` in one go.
 
@@ -192,7 +190,8 @@ class EngineCore:
         times; recorded as StepStats rows with ``num_steps``, one per stretch with one batch (a
         ``LazyDecodeScheduler`` run may go on past finishes). ``ends``, if given, are the
         steps' end times as the caller already summed them (``now`` plus the durations, one
-        by one, in order: the same floats). ``breakdowns``: per-op splits of the run, in order.
+        by one, in order: the same floats). The run's per-op split is the caller's to add
+        (``add_breakdown``): a simulator sums many runs' in one go.
         """
         sched = self.scheduler
         if ends is None:
@@ -204,8 +203,6 @@ class EngineCore:
         first_step = sched.step_id + 1
         finished = sched.apply_decode_steps(len(durations), ends, token_ids)
         self.finished.extend(finished)
-        for split in breakdowns:
-            self._add_breakdown(split)
         if self.record_steps:
             self._record_run(first_step, now, ends)
         return finished

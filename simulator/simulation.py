@@ -91,7 +91,7 @@ class Replica:
     def _apply(self, start: float, durations: list[float], ends: list[float]) -> None:
         eng = self.engine
         # The engine's LazyDecodeScheduler knows the decode tokens (forced ids, else SIM_TOKEN_ID).
-        finished = eng.apply_decode_steps(start, durations, None, (), ends)
+        finished = eng.apply_decode_steps(start, durations, None, ends)
         self._queue_splits(durations)
         self.sim._on_finished(finished)
 
